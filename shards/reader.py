@@ -1,0 +1,239 @@
+"""Reading a shard set for training: deterministic, epoch-aware, equal batches on every rank.
+
+Splitting lives here rather than in the trainer because it decides correctness, not
+speed: DeepSpeed hangs without an error when one rank runs out of batches before the
+others, and a rank with no shard yields nothing at all. So every epoch is planned from
+the set's sizes up front: the shard list is shuffled with a seed made of (seed, epoch),
+dealt to ranks and then to loader workers, and every worker produces the same number of
+batches, cycling through its shards when it runs out (the way OpenCLIP and
+`with_epoch` do). Workers with few samples therefore revisit some; consumers that
+count per sample must de-duplicate by key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import fsspec
+import webdataset as wds
+from PIL import Image
+from webdataset.filters import default_collation_fn
+from webdataset.pytorch import DataLoader, IterableDataset
+
+from shards.fs import join, open_fs, to_url
+from shards.sample import IMAGE_EXTENSIONS
+from shards.writer import SIZES_NAME, STATS_NAME
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], Any]
+
+
+class ShardSetError(ValueError):
+    """A shard set cannot be read as asked; the message names the set."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A finished shard set: its shard URLs, their sample counts and its class list."""
+
+    url: str
+    shards: tuple[str, ...]
+    sizes: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes)
+
+
+def open_shard_set(url: str) -> ShardSet:
+    """Open a set written by `shards.writer` from a directory or an fsspec URL (s3://, gs://)."""
+    fs, root = open_fs(url)
+    if not fs.isdir(root):
+        raise ShardSetError(f"shard set {url}: no such directory")
+    for name in (SIZES_NAME, STATS_NAME):
+        if not fs.exists(join(root, name)):
+            raise ShardSetError(f"shard set {url}: {name} is missing (not a finished shard set)")
+    with fs.open(join(root, SIZES_NAME), "r") as f:
+        sizes: dict[str, int] = json.load(f)
+    with fs.open(join(root, STATS_NAME), "r") as f:
+        classes = json.load(f)["classes"]
+    if not sizes:
+        raise ShardSetError(f"shard set {url}: it holds no shard")
+    names = sorted(sizes)
+    return ShardSet(
+        url=str(url),
+        shards=tuple(to_url(fs, join(root, n)) for n in names),
+        sizes=tuple(int(sizes[n]) for n in names),
+        classes=tuple(classes),
+    )
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards each (rank, loader worker) reads in one epoch, and for how many batches."""
+
+    assignments: tuple[tuple[tuple[int, ...], ...], ...]  # [rank][worker] -> shard indices
+    batches_per_worker: int
+
+    @property
+    def batches_per_rank(self) -> int:
+        return self.batches_per_worker * len(self.assignments[0])
+
+
+def plan_epoch(
+    shard_set: ShardSet, world_size: int, loader_workers: int, batch_size: int, seed: int, epoch: int
+) -> EpochPlan:
+    """Deal the shards of one epoch: shuffle by (seed, epoch), split by rank, then by worker.
+
+    The epoch is long enough for the fullest worker to read all its samples once, so
+    every sample is seen at least once per epoch.
+    """
+    workers = max(1, loader_workers)
+    readers = world_size * workers
+    if len(shard_set.shards) < readers:
+        raise ShardSetError(
+            f"shard set {shard_set.url} has {len(shard_set.shards)} shards, fewer than the {readers} readers "
+            f"({world_size} ranks x {workers} loader workers) that each need one: write smaller shards or "
+            "use fewer workers"
+        )
+    order = list(range(len(shard_set.shards)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    assignments = tuple(
+        tuple(tuple(order[rank::world_size][w::workers]) for w in range(workers)) for rank in range(world_size)
+    )
+    fullest = max(sum(shard_set.sizes[i] for i in part) for rank in assignments for part in rank)
+    return EpochPlan(assignments=assignments, batches_per_worker=max(1, math.ceil(fullest / batch_size)))
+
+
+def _open_streams(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Open shards one at a time, closing each once webdataset has read it through."""
+    for url in urls:
+        with fsspec.open(url, "rb") as f:
+            yield {"url": url, "stream": f}
+
+
+def _image_of(sample: Mapping[str, Any]) -> bytes:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+
+
+class ShardStream(IterableDataset):
+    """Batches of decoded samples for one rank; give it to `make_loader`, not to a DataLoader directly.
+
+    Each batch is a dict: `image` (the transform's outputs, collated), `label` (class
+    indices, after static label overrides), `key` (list of sample keys) and `skipped`
+    (samples this worker dropped as unreadable since its previous batch).
+    """
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        *,
+        rank: int,
+        world_size: int,
+        loader_workers: int,
+        batch_size: int,
+        transform: Transform,
+        seed: int = 0,
+        overrides: Mapping[str, int] | None = None,
+        shuffle_buffer: int = 0,
+    ) -> None:
+        self.shard_set = shard_set
+        self.rank, self.world_size = rank, world_size
+        self.loader_workers = loader_workers  # 0: read in the training process itself
+        self.readers = max(1, loader_workers)
+        self.batch_size = batch_size
+        self.transform = transform
+        self.seed = seed
+        self.overrides = dict(overrides or {})
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 1
+        self.plan()  # validate shard count against readers before any worker starts
+
+    def set_epoch(self, epoch: int) -> None:
+        """Workers are re-created each epoch and read this; webdataset's own counters would not advance."""
+        self.epoch = epoch
+
+    def plan(self) -> EpochPlan:
+        return plan_epoch(
+            self.shard_set, self.world_size, self.readers, self.batch_size, self.seed, self.epoch
+        )
+
+    def __len__(self) -> int:
+        return self.plan().batches_per_rank
+
+    def _worker(self) -> int:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        return 0 if info is None else info.id
+
+    def _raw_samples(self, shard_urls: list[str], counter: list[int]) -> Iterator[dict[str, Any]]:
+        """Samples of the given shards, cycling; unreadable tar members are counted, not fatal."""
+
+        def skip(exn: Exception) -> bool:
+            log.warning("skipping unreadable data: %s", exn)
+            counter[0] += 1
+            return True
+
+        while True:
+            yielded = 0
+            files = wds.tariterators.tar_file_expander(_open_streams(shard_urls), handler=skip)
+            for sample in wds.tariterators.group_by_keys(files, handler=skip):
+                yielded += 1
+                yield sample
+            if not yielded:
+                raise ShardSetError(f"shards {shard_urls} yielded no sample at all")
+
+    def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        key = raw["__key__"]
+        label = self.overrides.get(key, int(raw["cls"]))
+        with Image.open(io.BytesIO(_image_of(raw))) as im:
+            image = im.convert("RGB")
+        return {"image": self.transform(image), "label": label, "key": key}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self.plan()
+        worker = self._worker()
+        mine = [self.shard_set.shards[i] for i in plan.assignments[self.rank][worker]]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        counter = [0]
+        samples = self._raw_samples(mine, counter)
+        if self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        batch: list[dict[str, Any]] = []
+        produced = 0
+        for raw in samples:
+            try:
+                batch.append(self._decode(raw))
+            except Exception as exc:  # a corrupt sample costs itself, not the run
+                log.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
+                counter[0] += 1
+                continue
+            if len(batch) == self.batch_size:
+                out = default_collation_fn(batch, combine_scalars=True)
+                out["skipped"], counter[0] = counter[0], 0
+                yield out
+                batch = []
+                produced += 1
+                if produced == plan.batches_per_worker:
+                    return
+
+
+def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader that matches the stream's plan: one process per planned loader worker.
+
+    Batches are collated inside the workers (`batch_size=None` here), and the loader
+    turns their numpy label arrays into tensors.
+    """
+    return DataLoader(stream, batch_size=None, num_workers=stream.loader_workers, pin_memory=pin_memory)

@@ -1,0 +1,151 @@
+"""`python -m shards.verify DIR`: check a shard set end to end before anyone trains on it.
+
+Reads every tar with the standard library (independently of the training reader, so
+a reader bug cannot hide a data fault), and compares tars, manifest and sizes.
+Exits non-zero on any fault, naming the shard and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from shards.manifest import MANIFEST_NAME
+from shards.sample import IMAGE_EXTENSIONS
+from shards.writer import SIZES_NAME, STATS_NAME
+
+
+@dataclass
+class Report:
+    faults: list[str] = field(default_factory=list)
+    per_class: Counter = field(default_factory=Counter)
+    per_split: Counter = field(default_factory=Counter)
+    samples: int = 0
+
+
+def _read_tar(path: Path, report: Report) -> dict[str, dict[str, bytes]]:
+    """Members of one tar grouped by key (split at the first dot, as WebDataset does)."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} truncated")
+                groups.setdefault(key, {})[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        report.faults.append(f"{path.name}: truncated or unreadable tar ({exc})")
+    return groups
+
+
+def _check_sample(shard: str, key: str, members: dict[str, bytes], classes: list[str], report: Report) -> int | None:
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    missing = [m for m in ("cls", "json") if m not in members] + ([] if image_ext else ["image"])
+    if missing:
+        report.faults.append(f"{shard}: sample {key} has no {', '.join(missing)}")
+        return None
+    try:
+        label = int(members["cls"])
+    except ValueError:
+        report.faults.append(f"{shard}: sample {key} has a non-integer cls {members['cls'][:20]!r}")
+        return None
+    if not 0 <= label < len(classes):
+        report.faults.append(f"{shard}: sample {key} has cls {label} outside the class list {classes}")
+        return None
+    try:
+        json.loads(members["json"])
+    except ValueError as exc:
+        report.faults.append(f"{shard}: sample {key} has unreadable json ({exc})")
+    try:
+        with Image.open(io.BytesIO(members[image_ext])) as im:  # type: ignore[index]
+            im.load()
+    except Exception as exc:  # Pillow raises many types for bad bytes
+        report.faults.append(f"{shard}: sample {key} image does not decode ({exc})")
+    return label
+
+
+def verify(root: str | Path) -> Report:
+    root = Path(root)
+    report = Report()
+    for name in (STATS_NAME, SIZES_NAME, MANIFEST_NAME):
+        if not (root / name).exists():
+            report.faults.append(f"{root}: {name} is missing")
+    if report.faults:
+        return report
+    classes = json.loads((root / STATS_NAME).read_text())["classes"]
+    sizes: dict[str, int] = json.loads((root / SIZES_NAME).read_text())
+    manifest = pq.read_table(root / MANIFEST_NAME, columns=["key", "shard", "label", "split"]).to_pylist()
+    by_key = {row["key"]: row for row in manifest}
+    seen: dict[str, str] = {}
+    tars = sorted(p.name for p in root.glob("*.tar"))
+    for shard in sorted(set(tars) - set(sizes)):
+        report.faults.append(f"{shard}: tar not listed in {SIZES_NAME}")
+    for shard in tqdm(sorted(sizes), desc="verify", unit="shard"):
+        if shard not in tars:
+            report.faults.append(f"{shard}: listed in {SIZES_NAME} but missing")
+            continue
+        groups = _read_tar(root / shard, report)
+        if len(groups) != sizes[shard]:
+            report.faults.append(f"{shard}: {len(groups)} samples, {SIZES_NAME} says {sizes[shard]}")
+        for key, members in groups.items():
+            if key in seen:
+                report.faults.append(f"duplicate key {key} in {seen[key]} and {shard}")
+                continue
+            seen[key] = shard
+            label = _check_sample(shard, key, members, classes, report)
+            row = by_key.get(key)
+            if row is None:
+                report.faults.append(f"{shard}: sample {key} has no manifest row")
+            elif row["shard"] != shard or (label is not None and row["label"] != label):
+                report.faults.append(f"{shard}: sample {key} disagrees with its manifest row {row}")
+            if label is not None:
+                report.samples += 1
+                report.per_class[classes[label]] += 1
+                report.per_split[row["split"] if row else "?"] += 1
+    for row in manifest:
+        if row["key"] not in seen:
+            report.faults.append(f"manifest row {row['key']} (shard {row['shard']}) has no sample")
+    if len(by_key) != len(manifest):
+        dupes = [k for k, n in Counter(r["key"] for r in manifest).items() if n > 1]
+        report.faults.append(f"{MANIFEST_NAME}: duplicate keys {dupes[:5]}")
+    return report
+
+
+def _table(title: str, counts: Counter) -> str:
+    width = max([len(title)] + [len(k) for k in counts])
+    lines = [f"{title:<{width}}  samples"] + [f"{k:<{width}}  {v:>7}" for k, v in counts.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shards.verify", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="shard set directory")
+    args = parser.parse_args(argv)
+    report = verify(args.dir)
+    print(_table("class", report.per_class))
+    print(_table("split", report.per_split))
+    print(f"{report.samples} samples checked")
+    if report.faults:
+        for fault in report.faults[:50]:
+            print(f"FAULT {fault}", file=sys.stderr)
+        print(f"{len(report.faults)} faults in {args.dir}", file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

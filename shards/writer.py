@@ -1,0 +1,240 @@
+"""The shard writer: samples in, finished WebDataset tars plus manifest out.
+
+Each shard is the unit of completion. Its tar and its manifest rows are written under
+temporary names and renamed when complete; then `<shard>_stats.json` is written, and
+only that file marks the shard as done. A writer opened on an existing set removes
+whatever an interrupted run left unfinished and continues numbering after the last
+finished shard, so extending or resuming never rewrites or duplicates finished work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+from shards import atomic
+from shards.classes import validate_classes
+from shards.manifest import MANIFEST_NAME, SCHEMA, manifest_row, rows_to_table
+from shards.sample import SCHEMA_VERSION, Sample
+
+log = logging.getLogger(__name__)
+
+STATS_NAME = "stats.json"
+SIZES_NAME = "sizes.json"
+_STATS_SUFFIX = "_stats.json"
+
+
+class DuplicateKeyError(ValueError):
+    """A key was written twice; the message names both places."""
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}"
+
+
+def _image_size(sample: Sample) -> tuple[int, int]:
+    """Width and height from the image header alone: no full decode on the write path."""
+    try:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            return im.size
+    except Exception as exc:  # Pillow raises many types for bad bytes
+        raise ValueError(f"sample {sample.key}: image bytes are not a readable image ({exc})") from exc
+
+
+class ShardWriter:
+    """Writes samples into `out_dir` as `<prefix>-000000.tar`, ... capped by samples and bytes.
+
+    Use as a context manager; closing finishes the open shard and rebuilds the
+    set-level files (`manifest.parquet`, `sizes.json`, `stats.json`).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        classes: Sequence[str],
+        prefix: str = "shard",
+        max_samples: int = 1000,
+        max_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        if max_samples < 1 or max_bytes < 1:
+            raise ValueError("max_samples and max_bytes must be positive")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+            raise ValueError(f"shard prefix {prefix!r}: letters, digits, '_' and '-' only")
+        self.out_dir = Path(out_dir)
+        self.classes = validate_classes(classes)
+        self.prefix = prefix
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._check_classes()
+        self._discard_unfinished()
+        self._known: dict[str, str] = self._finished_keys()
+        self._next_index = 1 + max((self._index(s) for s in self.finished_shards()), default=-1)
+        self._tar: wds.TarWriter | None = None
+        self._tar_file: Any = None
+        self._tmp_tar: Path | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._bytes = 0
+        self.written = 0
+
+    # -- set state --------------------------------------------------------------------
+
+    def _check_classes(self) -> None:
+        stats_path = self.out_dir / STATS_NAME
+        if stats_path.exists():
+            existing = json.loads(stats_path.read_text())["classes"]
+            if existing != self.classes:
+                raise ValueError(f"{stats_path}: set has classes {existing}, writer was given {self.classes}")
+
+    def finished_shards(self) -> list[str]:
+        """Names of finished shards (their stats file exists), in order."""
+        names = [p.name[: -len(_STATS_SUFFIX)] for p in self.out_dir.glob(f"{self.prefix}-*{_STATS_SUFFIX}")]
+        return sorted(names)
+
+    def _index(self, name: str) -> int:
+        return int(name.rsplit("-", 1)[1])
+
+    def _discard_unfinished(self) -> None:
+        """Remove temp files and any shard whose stats file (its completion marker) is missing."""
+        finished = set(self.finished_shards())
+        for path in self.out_dir.iterdir():
+            if atomic.is_temp(path):
+                path.unlink()
+                continue
+            stem, suffix = path.stem, path.suffix
+            if suffix in (".tar", ".parquet") and stem.startswith(f"{self.prefix}-") and stem not in finished:
+                log.warning("removing unfinished shard file %s", path)
+                path.unlink()
+
+    def _finished_keys(self) -> dict[str, str]:
+        known: dict[str, str] = {}
+        for name in self.finished_shards():
+            keys = pq.read_table(self.out_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist()
+            for key in keys:
+                known[key] = f"{name}.tar"
+        return known
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._known
+
+    # -- writing -----------------------------------------------------------------------
+
+    def write(self, sample: Sample) -> None:
+        if not 0 <= sample.label < len(self.classes):
+            raise ValueError(f"sample {sample.key}: label {sample.label} outside class list {self.classes}")
+        if sample.key in self._known:
+            where = self._known[sample.key]
+            current = shard_name(self.prefix, self._next_index) + ".tar"
+            raise DuplicateKeyError(
+                f"duplicate key {sample.key!r}: already in {self.out_dir / where}, written again into "
+                f"{self.out_dir / current}"
+            )
+        width, height = _image_size(sample)
+        if self._tar is None:
+            self._open_shard()
+        meta = {
+            **sample.meta,
+            "label_name": self.classes[sample.label],
+            "width": width,
+            "height": height,
+            "sha256": sample.sha256,
+            "schema_version": SCHEMA_VERSION,
+        }
+        assert self._tar is not None
+        self._tar.write(
+            {
+                "__key__": sample.key,
+                sample.ext: sample.image,
+                "cls": str(sample.label).encode(),
+                "json": json.dumps(meta, sort_keys=True, default=str).encode(),
+            }
+        )
+        name = shard_name(self.prefix, self._next_index)
+        self._rows.append(manifest_row(sample, f"{name}.tar", self.classes[sample.label], width, height))
+        self._known[sample.key] = f"{name}.tar"
+        self._bytes += len(sample.image)
+        self.written += 1
+        if len(self._rows) >= self.max_samples or self._bytes >= self.max_bytes:
+            self._finish_shard()
+
+    def _open_shard(self) -> None:
+        name = shard_name(self.prefix, self._next_index)
+        self._tmp_tar = self.out_dir / f".{name}.tar.{os.getpid()}.tmp"
+        self._tar_file = open(self._tmp_tar, "wb")
+        # A fixed mtime makes the same samples give byte-identical tars.
+        self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=0.0)
+
+    def _finish_shard(self) -> None:
+        """Make the open shard final: tar and rows renamed into place, then the stats marker."""
+        if self._tar is None:
+            return
+        assert self._tmp_tar is not None
+        name = shard_name(self.prefix, self._next_index)
+        self._tar.close()
+        self._tar_file.flush()
+        os.fsync(self._tar_file.fileno())
+        self._tar_file.close()
+        atomic.write_parquet(self.out_dir / f"{name}.parquet", rows_to_table(self._rows))
+        os.replace(self._tmp_tar, self.out_dir / f"{name}.tar")
+        per_class = Counter(row["label_name"] for row in self._rows)
+        atomic.write_json(
+            self.out_dir / f"{name}{_STATS_SUFFIX}",
+            {
+                "shard": f"{name}.tar",
+                "count": len(self._rows),
+                "bytes": self._bytes,
+                "per_class": dict(sorted(per_class.items())),
+                "finished_at": time.time(),
+            },
+        )
+        log.debug("finished shard %s (%d samples)", name, len(self._rows))
+        self._tar = self._tar_file = self._tmp_tar = None
+        self._rows, self._bytes = [], 0
+        self._next_index += 1
+
+    def close(self) -> None:
+        self._finish_shard()
+        finalize(self.out_dir, self.classes, self.prefix)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Finished samples are kept even when the caller fails: they are complete.
+        self.close()
+
+
+def finalize(out_dir: str | os.PathLike, classes: Sequence[str], prefix: str = "shard") -> dict[str, Any]:
+    """Rebuild `manifest.parquet`, `sizes.json` and `stats.json` from the finished shards."""
+    out_dir = Path(out_dir)
+    names = sorted(p.name[: -len(_STATS_SUFFIX)] for p in out_dir.glob(f"{prefix}-*{_STATS_SUFFIX}"))
+    tables = [pq.read_table(out_dir / f"{name}.parquet") for name in names]
+    manifest = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    atomic.write_parquet(out_dir / MANIFEST_NAME, manifest)
+    sizes = {f"{name}.tar": json.loads((out_dir / f"{name}{_STATS_SUFFIX}").read_text())["count"] for name in names}
+    atomic.write_json(out_dir / SIZES_NAME, sizes)
+    label_names = manifest.column("label_name").to_pylist()
+    splits = manifest.column("split").to_pylist()
+    stats = {
+        "schema_version": SCHEMA_VERSION,
+        "classes": list(classes),
+        "num_samples": manifest.num_rows,
+        "num_shards": len(names),
+        "per_class": {c: label_names.count(c) for c in classes},
+        "per_split": dict(sorted(Counter(splits).items())),
+        "shards": [f"{name}.tar" for name in names],
+    }
+    atomic.write_json(out_dir / STATS_NAME, stats)
+    return stats

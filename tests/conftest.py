@@ -1,0 +1,55 @@
+"""Fixtures shared by the test modules: small real images and small real shard sets."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards import CANONICAL, Sample, ShardWriter, key_from_bytes
+
+# Library code must find its CPU accelerator in every process the tests start.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def jpeg_bytes(rng: np.random.Generator, size: int = 32, label: int | None = None) -> bytes:
+    """A small random JPEG; with `label`, its mean colour depends on the label (learnable)."""
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    if label is not None:
+        tint = np.array([(label * 37) % 256, (label * 91) % 256, (label * 53) % 256], dtype=np.uint8)
+        pixels = (pixels // 4 + tint // 4 * 3).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shard_set(
+    out: Path,
+    shard_sizes: list[int],
+    classes: tuple[str, ...] = CANONICAL,
+    seed: int = 0,
+    size: int = 32,
+    split: str = "train",
+) -> list[str]:
+    """Write a set whose shards hold exactly `shard_sizes` samples; returns the keys in order."""
+    rng = np.random.default_rng(seed)
+    keys: list[str] = []
+    for n in shard_sizes:
+        with ShardWriter(out, classes, max_samples=n) as writer:
+            for _ in range(n):
+                label = int(rng.integers(len(classes)))
+                data = jpeg_bytes(rng, size, label)
+                sample = Sample(key=key_from_bytes(data), image=data, label=label, split=split,
+                                meta={"provider": "test", "source_id": str(len(keys))})
+                writer.write(sample)
+                keys.append(sample.key)
+    return keys
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

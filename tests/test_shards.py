@@ -1,0 +1,294 @@
+"""The shard format: writer, plain-library readability, crash safety, verify, reader splitting."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from shards import (
+    CANONICAL,
+    DuplicateKeyError,
+    Sample,
+    ShardSetError,
+    ShardStream,
+    ShardWriter,
+    key_from_bytes,
+    make_loader,
+    open_shard_set,
+    read_manifest,
+)
+from shards import verify as verify_mod
+from tests.conftest import jpeg_bytes, write_shard_set
+
+
+def test_writer_caps_shards_and_writes_set_files(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, [5])
+    rng = np.random.default_rng(1)
+    with ShardWriter(tmp_path, CANONICAL, max_samples=3) as writer:
+        for i in range(7):
+            data = jpeg_bytes(rng)
+            writer.write(Sample(key=key_from_bytes(data), image=data, label=i % 8, meta={"query": "q", "lang": "en"}))
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes == {"shard-000000.tar": 5, "shard-000001.tar": 3, "shard-000002.tar": 3, "shard-000003.tar": 1}
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["classes"] == list(CANONICAL)
+    assert stats["num_samples"] == 12 and sum(stats["per_class"].values()) == 12
+    manifest = pq.read_table(tmp_path / "manifest.parquet")
+    assert manifest.num_rows == 12
+    assert set(keys) <= set(manifest.column("key").to_pylist())
+    for column in ("key", "shard", "label", "label_name", "split", "sha256", "width", "height", "provider", "query"):
+        assert column in manifest.column_names
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_byte_cap_closes_shards(tmp_path: Path, rng: np.random.Generator) -> None:
+    images = [jpeg_bytes(rng, 48) for _ in range(6)]
+    cap = len(images[0]) * 2
+    with ShardWriter(tmp_path, CANONICAL, max_samples=100, max_bytes=cap) as writer:
+        for data in images:
+            writer.write(Sample(key=key_from_bytes(data), image=data, label=0))
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert len(sizes) >= 3 and sum(sizes.values()) == 6
+
+
+def test_set_opens_with_plain_webdataset_and_pyarrow(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, [4, 3])
+    urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert [s["__key__"] for s in samples] == keys
+    first = samples[0]
+    assert first["jpg"].size == (32, 32)
+    assert isinstance(first["cls"], int) and first["json"]["label_name"] == CANONICAL[first["cls"]]
+    table = pq.read_table(tmp_path / "manifest.parquet")
+    assert table.column("key").to_pylist() == keys
+
+
+def test_set_opens_with_ray_data(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    keys = write_shard_set(tmp_path, [4, 3])
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        tars = sorted(str(p) for p in tmp_path.glob("*.tar"))
+        rows = ray.data.read_webdataset(tars, decoder=None).take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["__key__"] for r in rows) == sorted(keys)
+    assert all(r["jpg"] for r in rows)
+
+
+def test_duplicate_key_is_refused_naming_both_places(tmp_path: Path, rng: np.random.Generator) -> None:
+    data = jpeg_bytes(rng)
+    with ShardWriter(tmp_path, CANONICAL, max_samples=1) as writer:
+        writer.write(Sample(key="same", image=data, label=0))
+    with ShardWriter(tmp_path, CANONICAL) as writer:
+        with pytest.raises(DuplicateKeyError) as err:
+            writer.write(Sample(key="same", image=data, label=1))
+    assert "shard-000000.tar" in str(err.value) and "shard-000001.tar" in str(err.value)
+
+
+def test_bad_keys_and_classes_are_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    with pytest.raises(ValueError, match="no dots"):
+        Sample(key="a.b", image=jpeg_bytes(rng), label=0)
+    with pytest.raises(ValueError, match="canonical order"):
+        ShardWriter(tmp_path, ["happiness", "neutral"])
+    write_shard_set(tmp_path, [2])
+    with pytest.raises(ValueError, match="stats.json"):
+        ShardWriter(tmp_path, ["neutral", "happiness"])
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import os, sys, numpy as np
+    from shards import CANONICAL, Sample, ShardWriter, key_from_bytes
+    from tests.conftest import jpeg_bytes
+    rng = np.random.default_rng(int(sys.argv[2]))
+    writer = ShardWriter(sys.argv[1], CANONICAL, max_samples=4)
+    for i in range(10):
+        data = jpeg_bytes(rng)
+        writer.write(Sample(key=key_from_bytes(data), image=data, label=i % 8))
+        if i == 5:  # shard 0 finished, shard 1 half written
+            print("READY", flush=True)
+            sys.stdin.read()
+    """
+)
+
+
+def test_killed_writer_leaves_no_partial_shard_and_extends_cleanly(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(out), "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.stdout.readline().strip() == "READY"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finals = sorted(p.name for p in out.glob("*.tar"))
+    assert finals == ["shard-000000.tar"]  # the half-written shard exists only as a temp file
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert len(tar.getnames()) == 4 * 3
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())
+    # Extending: the first 4 samples come again (same seed) and must be skipped, not duplicated.
+    rng = np.random.default_rng(0)
+    with ShardWriter(out, CANONICAL, max_samples=4) as writer:
+        for i in range(10):
+            data = jpeg_bytes(rng)
+            key = key_from_bytes(data)
+            if key not in writer:
+                writer.write(Sample(key=key, image=data, label=i % 8))
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    keys = read_manifest(str(out)).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 10
+    assert verify_mod.main([str(out)]) == 0
+
+
+def _fault(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert verify_mod.main([str(tmp_path)]) == 1
+    return capsys.readouterr().err
+
+
+def test_verify_passes_a_good_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_shard_set(tmp_path, [3, 2])
+    assert verify_mod.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "5 samples checked" in out and "train" in out
+
+
+def test_verify_catches_truncated_tar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_shard_set(tmp_path, [3, 2])
+    tar = tmp_path / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:1500])
+    assert "shard-000001.tar: truncated or unreadable tar" in _fault(tmp_path, capsys)
+
+
+def _rewrite_tar(path: Path, drop: str | None = None, replace: dict[str, bytes] | None = None) -> None:
+    """Rewrite a tar in place without member `drop` and with `replace`d member bodies."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            if member.name == drop:
+                continue
+            data = (replace or {}).get(member.name, data)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_verify_catches_sample_without_cls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = write_shard_set(tmp_path, [3])
+    _rewrite_tar(tmp_path / "shard-000000.tar", drop=f"{keys[0]}.cls")
+    assert f"sample {keys[0]} has no cls" in _fault(tmp_path, capsys)
+
+
+def test_verify_catches_undecodable_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = write_shard_set(tmp_path, [3])
+    _rewrite_tar(tmp_path / "shard-000000.tar", replace={f"{keys[1]}.jpg": b"\xff\xd8\xff garbage"})
+    assert f"sample {keys[1]} image does not decode" in _fault(tmp_path, capsys)
+
+
+def test_verify_catches_duplicate_key_across_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = write_shard_set(tmp_path, [2, 2])
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        first = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.startswith(keys[0])}
+    with tarfile.open(tmp_path / "shard-000001.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tmp_path / "shard-000001.tar", "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+        for name, data in first.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    err = _fault(tmp_path, capsys)
+    assert f"duplicate key {keys[0]} in shard-000000.tar and shard-000001.tar" in err
+
+
+def test_verify_catches_manifest_row_without_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+
+    write_shard_set(tmp_path, [2])
+    table = pq.read_table(tmp_path / "manifest.parquet")
+    ghost = table.slice(0, 1).set_column(0, "key", pa.array(["ghost"]))
+    pq.write_table(pa.concat_tables([table, ghost]), tmp_path / "manifest.parquet")
+    assert "manifest row ghost (shard shard-000000.tar) has no sample" in _fault(tmp_path, capsys)
+
+
+def _identity(image):  # top-level so loader workers can pickle it
+    return np.asarray(image.resize((8, 8)), dtype=np.uint8)
+
+
+def test_reader_gives_every_rank_the_same_batches_and_covers_the_set(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, [9, 2, 7, 3, 5, 1, 4, 6])  # uneven: 37 samples, 8 shards
+    shard_set = open_shard_set(str(tmp_path))
+    seen: Counter[str] = Counter()
+    lengths = []
+    for rank in range(2):
+        stream = ShardStream(shard_set, rank=rank, world_size=2, loader_workers=2, batch_size=4,
+                             transform=_identity, seed=3)
+        stream.set_epoch(2)
+        batches = list(make_loader(stream))
+        lengths.append(len(batches))
+        assert len(batches) == len(stream)
+        for batch in batches:
+            assert batch["image"].shape == (4, 8, 8, 3)
+            assert len(batch["key"]) == 4 and batch["label"].shape == (4,)
+            seen.update(batch["key"])
+    assert lengths[0] == lengths[1]
+    assert set(seen) == set(keys)
+
+
+def test_reader_order_depends_on_epoch_not_on_run(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, [3] * 8)
+    shard_set = open_shard_set(str(tmp_path))
+
+    def keys_of(epoch: int) -> list[str]:
+        stream = ShardStream(shard_set, rank=0, world_size=2, loader_workers=0, batch_size=3,
+                             transform=_identity, seed=0)
+        stream.set_epoch(epoch)
+        return [k for b in make_loader(stream) for k in b["key"]]
+
+    assert keys_of(1) == keys_of(1)
+    assert keys_of(1) != keys_of(2)
+
+
+def test_reader_refuses_too_few_shards(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, [4, 4, 4])
+    with pytest.raises(ShardSetError, match="3 shards, fewer than the 4 readers"):
+        ShardStream(open_shard_set(str(tmp_path)), rank=0, world_size=2, loader_workers=2, batch_size=2,
+                    transform=_identity)
+
+
+def test_reader_errors_name_the_set(tmp_path: Path) -> None:
+    with pytest.raises(ShardSetError, match="no such directory"):
+        open_shard_set(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardSetError, match="sizes.json is missing"):
+        open_shard_set(str(tmp_path / "empty"))
+
+
+def test_reader_skips_and_counts_corrupt_samples_and_applies_overrides(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, [4, 4])
+    _rewrite_tar(tmp_path / "shard-000000.tar", replace={f"{keys[0]}.jpg": b"not a jpeg"})
+    shard_set = open_shard_set(f"file://{tmp_path}")  # fsspec URL, as object stores are read
+    stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=1, batch_size=7,
+                         transform=_identity, overrides={keys[1]: 7})
+    batches = list(make_loader(stream))
+    assert sum(int(b["skipped"]) for b in batches) >= 1
+    got = {k: int(lbl) for b in batches for k, lbl in zip(b["key"], b["label"])}
+    assert keys[0] not in got and got[keys[1]] == 7
