@@ -28,11 +28,19 @@ from webdataset.pytorch import DataLoader, IterableDataset
 
 from shards.fs import join, open_fs, to_url
 from shards.sample import IMAGE_EXTENSIONS
+from shards.tario import TarFormatError, iter_members
 from shards.writer import SIZES_NAME, STATS_NAME
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[[Image.Image], Any]
+Transform = Callable[[Any], Any]
+Decoder = Callable[[bytes], Any]
+
+
+def decode_pil(data: bytes) -> Image.Image:
+    """The default decoder: Pillow, RGB. Trainers may pass a faster one (e.g. libjpeg-turbo to tensors)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
 
 
 class ShardSetError(ValueError):
@@ -113,11 +121,17 @@ def plan_epoch(
     return EpochPlan(assignments=assignments, batches_per_worker=max(1, math.ceil(fullest / batch_size)))
 
 
-def _open_streams(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """Open shards one at a time, closing each once webdataset has read it through."""
+def _tar_files(urls: list[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Members of each shard as webdataset's file dicts, an empty dict closing each shard."""
     for url in urls:
-        with fsspec.open(url, "rb") as f:
-            yield {"url": url, "stream": f}
+        try:
+            with fsspec.open(url, "rb") as f:
+                for name, data in iter_members(f, url):
+                    yield {"fname": name, "data": data, "__url__": url}
+        except (TarFormatError, OSError) as exc:
+            if not on_error(exc):
+                raise
+        yield {}
 
 
 def _image_of(sample: Mapping[str, Any]) -> bytes:
@@ -130,6 +144,7 @@ def _image_of(sample: Mapping[str, Any]) -> bytes:
 class ShardStream(IterableDataset):
     """Batches of decoded samples for one rank; give it to `make_loader`, not to a DataLoader directly.
 
+    Each image is decoded by `decode` (bytes in) and then passed through `transform`.
     Each batch is a dict: `image` (the transform's outputs, collated), `label` (class
     indices, after static label overrides), `key` (list of sample keys) and `skipped`
     (samples this worker dropped as unreadable since its previous batch).
@@ -144,6 +159,7 @@ class ShardStream(IterableDataset):
         loader_workers: int,
         batch_size: int,
         transform: Transform,
+        decode: Decoder = decode_pil,
         seed: int = 0,
         overrides: Mapping[str, int] | None = None,
         shuffle_buffer: int = 0,
@@ -154,6 +170,7 @@ class ShardStream(IterableDataset):
         self.readers = max(1, loader_workers)
         self.batch_size = batch_size
         self.transform = transform
+        self.decode = decode
         self.seed = seed
         self.overrides = dict(overrides or {})
         self.shuffle_buffer = shuffle_buffer
@@ -188,8 +205,7 @@ class ShardStream(IterableDataset):
 
         while True:
             yielded = 0
-            files = wds.tariterators.tar_file_expander(_open_streams(shard_urls), handler=skip)
-            for sample in wds.tariterators.group_by_keys(files, handler=skip):
+            for sample in wds.tariterators.group_by_keys(_tar_files(shard_urls, skip), handler=skip):
                 yielded += 1
                 yield sample
             if not yielded:
@@ -198,9 +214,7 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         key = raw["__key__"]
         label = self.overrides.get(key, int(raw["cls"]))
-        with Image.open(io.BytesIO(_image_of(raw))) as im:
-            image = im.convert("RGB")
-        return {"image": self.transform(image), "label": label, "key": key}
+        return {"image": self.transform(self.decode(_image_of(raw))), "label": label, "key": key}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.plan()
@@ -210,7 +224,7 @@ class ShardStream(IterableDataset):
         counter = [0]
         samples = self._raw_samples(mine, counter)
         if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            samples = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         batch: list[dict[str, Any]] = []
         produced = 0
         for raw in samples:

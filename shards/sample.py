@@ -18,7 +18,8 @@ SCHEMA_VERSION = 1
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "png", "webp")
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# 90 characters leave room for the extension inside the 100-byte ustar name field.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,90}$")
 
 #: Provenance fields every sample's metadata may carry; they become manifest columns.
 PROVENANCE_FIELDS: tuple[str, ...] = (
@@ -39,7 +40,7 @@ PROVENANCE_FIELDS: tuple[str, ...] = (
 def validate_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ValueError(
-            f"invalid sample key {key!r}: keys are 1-128 characters of letters, digits, '_' or '-' "
+            f"invalid sample key {key!r}: keys are 1-90 characters of letters, digits, '_' or '-' "
             "(no dots: WebDataset splits key and extension at the first dot)"
         )
     return key

@@ -36,6 +36,13 @@ class Report:
 def _read_tar(path: Path, report: Report) -> dict[str, dict[str, bytes]]:
     """Members of one tar grouped by key (split at the first dot, as WebDataset does)."""
     groups: dict[str, dict[str, bytes]] = {}
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        ending = f.read()
+    if size % 512 or ending != bytes(1024):
+        # tarfile stops quietly at a cut between members; a complete tar ends with two zero blocks.
+        report.faults.append(f"{path.name}: truncated or unreadable tar (no end-of-archive marker)")
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:

@@ -292,3 +292,31 @@ def test_reader_skips_and_counts_corrupt_samples_and_applies_overrides(tmp_path:
     assert sum(int(b["skipped"]) for b in batches) >= 1
     got = {k: int(lbl) for b in batches for k, lbl in zip(b["key"], b["label"])}
     assert keys[0] not in got and got[keys[1]] == 7
+
+
+def test_fast_tar_reader_agrees_with_tarfile(tmp_path: Path) -> None:
+    from shards.tario import iter_members
+
+    write_shard_set(tmp_path, [5])
+    ours = tmp_path / "shard-000000.tar"
+    # A tar from another tool: PAX format with a name too long for the ustar field.
+    other = tmp_path / "other.tar"
+    with tarfile.open(other, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("k" * 150 + ".jpg", b"abc"), ("dir/x.cls", b"3"), ("y.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    for path in (ours, other):
+        with tarfile.open(path) as tar:
+            expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+        with open(path, "rb") as f:
+            assert list(iter_members(f, str(path))) == expected
+
+
+def test_fast_tar_reader_reports_truncation(tmp_path: Path) -> None:
+    from shards.tario import TarFormatError, iter_members
+
+    write_shard_set(tmp_path, [3])
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    with pytest.raises(TarFormatError, match="truncated"):
+        list(iter_members(io.BytesIO(data[:1000]), "cut.tar"))
