@@ -1,0 +1,99 @@
+"""Synthetic label noise, the literature's protocol, as a label-override table for a shard set.
+
+Pick round(rate * N) training samples at random and give each a label drawn uniformly
+from the other classes; the table (key, label, true_label) is frozen for the run and
+applied by the shard reader (`TrainConfig.label_overrides`), so the shards stay clean
+and the ground truth stays at hand for the relabel audit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.atomic import write_parquet
+from shards.fs import join, open_fs
+from shards.manifest import read_manifest
+from shards.writer import STATS_NAME
+
+def make_noise(keys: Sequence[str], labels: Sequence[int], num_classes: int, rate: float, seed: int) -> pa.Table:
+    """The override table for one draw. Samples are ordered by key first, so the draw depends
+    on the set of samples and the seed, not on the order the manifest lists them in.
+    """
+    if len(keys) != len(labels):
+        raise ValueError(f"{len(keys)} keys for {len(labels)} labels")
+    if len(set(keys)) != len(keys):
+        raise ValueError("sample keys are not unique")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    if num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got {num_classes}")
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    keys = [keys[i] for i in order]
+    true = np.asarray([labels[i] for i in order], dtype=np.int64)
+    if true.size and (true.min() < 0 or true.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got range [{true.min()}, {true.max()}]")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(keys), size=round(rate * len(keys)), replace=False))
+    # An offset in [1, C-1] added modulo C is uniform over the C-1 other classes.
+    noisy = (true[chosen] + rng.integers(1, num_classes, size=chosen.size)) % num_classes
+    return pa.table(
+        {
+            "key": pa.array([keys[i] for i in chosen], pa.string()),
+            "label": pa.array(noisy, pa.int64()),
+            "true_label": pa.array(true[chosen], pa.int64()),
+        }
+    )
+
+
+def save_overrides(table: pa.Table, path: str) -> None:
+    write_parquet(path, table)
+
+
+def load_overrides(path: str) -> dict[str, int]:
+    """key -> the label to train on, for the overridden samples only."""
+    data = pq.read_table(path, columns=["key", "label"]).to_pydict()
+    return dict(zip(data["key"], data["label"]))
+
+
+def load_ground_truth(path: str) -> dict[str, int]:
+    """key -> the true label, for the overridden samples only (the others' truth is their manifest label)."""
+    data = pq.read_table(path, columns=["key", "true_label"]).to_pydict()
+    return dict(zip(data["key"], data["true_label"]))
+
+
+def _read_classes(shards: str) -> list[str]:
+    fs, root = open_fs(shards)
+    with fs.open(join(root, STATS_NAME), "r") as f:
+        return list(json.load(f)["classes"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scn_scale.noise", description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", required=True, help="shard set directory or URL (its manifest is read)")
+    parser.add_argument("--rate", type=float, required=True, help="share of samples to corrupt, e.g. 0.3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="override table to write (parquet)")
+    args = parser.parse_args(argv)
+
+    classes = _read_classes(args.shards)
+    manifest = read_manifest(args.shards, columns=["key", "label"]).to_pydict()
+    table = make_noise(manifest["key"], manifest["label"], len(classes), args.rate, args.seed)
+    save_overrides(table, args.out)
+
+    per_class = Counter(table.column("true_label").to_pylist())
+    print(f"{table.num_rows} of {len(manifest['key'])} labels changed (rate {args.rate}, seed {args.seed}) -> {args.out}")
+    print("changed per true class:")
+    for i, name in enumerate(classes):
+        print(f"  {name}: {per_class.get(i, 0)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

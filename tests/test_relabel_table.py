@@ -1,0 +1,181 @@
+import itertools
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scn_scale.relabel import Proposal
+from scn_scale.relabel_table import COLUMNS, RelabelTable
+
+
+def table_of(*proposals):
+    t = RelabelTable()
+    t.merge(proposals)
+    return t
+
+
+def test_merge_get_and_apply():
+    t = RelabelTable()
+    assert t.merge([Proposal("a", 0, 2, 0.5, 10), Proposal("b", 1, 0, 0.3, 10)]) == 2
+    assert len(t) == 2 and t.get("a") == 2 and t.get("b") == 0 and t.get("z") is None
+    labels = torch.tensor([5, 1, 0], dtype=torch.int32)
+    applied = t.apply(["z", "b", "a"], labels)
+    assert applied.tolist() == [5, 0, 2] and applied.dtype == torch.int32
+    assert labels.tolist() == [5, 1, 0]  # the input is not modified
+
+
+def test_history_of_one_key():
+    t = table_of(Proposal("k", 0, 1, 0.5, 10))
+    assert t.merge([Proposal("k", 1, 2, 0.4, 11)]) == 1
+    assert t.merge([Proposal("k", 2, 0, 0.6, 12)]) == 1
+    assert t.to_pydict() == {
+        "key": ["k"],
+        "original_label": [0],
+        "current_label": [0],
+        "epoch": [12],
+        "margin": [0.6],
+        "changes": [3],
+        "previous_label": [2],
+    }
+
+
+def test_proposal_restating_the_current_label_changes_nothing():
+    t = table_of(Proposal("k", 0, 1, 0.5, 10))
+    # A stale reader still sees 0 and proposes 1 again in epoch 11.
+    assert t.merge([Proposal("k", 0, 1, 0.9, 11)]) == 0
+    assert t.get("k") == 1 and t.to_pydict()["changes"] == [1]
+
+
+def test_same_epoch_stronger_proposal_replaces_without_counting_twice():
+    t = table_of(Proposal("k", 0, 1, 0.5, 10))
+    assert t.merge([Proposal("k", 0, 2, 0.8, 10)]) == 1
+    assert t.get("k") == 2 and t.to_pydict()["changes"] == [1]
+    assert t.merge([Proposal("k", 0, 1, 0.1, 10)]) == 0  # weaker: loses
+
+
+def test_outdated_proposals_are_ignored():
+    t = table_of(Proposal("k", 0, 1, 0.5, 11))
+    before = t.digest()
+    assert t.merge([Proposal("k", 1, 2, 0.9, 10)]) == 0
+    assert t.digest() == before
+
+
+def test_a_proposal_that_changes_nothing_is_an_error():
+    t = table_of(Proposal("k", 0, 1, 0.5, 11))
+    before = t.digest()
+    with pytest.raises(ValueError, match="does not change"):
+        t.merge([Proposal("j", 0, 1, 0.5, 12), Proposal("j", 3, 3, 0.5, 12)])
+    assert t.digest() == before and t.get("j") is None
+
+
+def test_save_load_round_trip_and_digest(tmp_path):
+    t = table_of(Proposal("a", 0, 2, 0.5, 10), Proposal("b", 1, 0, 0.123456789012345, 10))
+    t.merge([Proposal("a", 2, 1, 0.7, 11)])
+    path = tmp_path / "ckpt" / "relabel.parquet"
+    t.save(str(path))
+    assert pq.read_table(path).column_names == list(COLUMNS)
+    loaded = RelabelTable.load(str(path))
+    assert loaded == t and loaded.digest() == t.digest()
+    assert len(t.digest()) == 64
+    assert RelabelTable().digest() != t.digest()
+    other = table_of(Proposal("a", 0, 2, 0.5, 10), Proposal("b", 1, 0, 0.123456789012346, 10))
+    other.merge([Proposal("a", 2, 1, 0.7, 11)])
+    assert other != t and other.digest() != t.digest()  # the last digit of a margin counts
+
+
+def test_load_rejects_other_tables(tmp_path):
+    import pyarrow as pa
+
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"key": ["a"], "label": [1]}), path)
+    with pytest.raises(ValueError, match="missing columns"):
+        RelabelTable.load(str(path))
+
+
+proposal = st.builds(
+    lambda key, old, delta, margin, epoch: Proposal(key, old, (old + delta) % 4, margin, epoch),
+    key=st.sampled_from("abcd"),
+    old=st.integers(0, 3),
+    delta=st.integers(1, 3),
+    margin=st.sampled_from([0.25, 0.5]),  # few values: ties happen
+    epoch=st.integers(10, 12),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(proposals=st.lists(proposal, max_size=25), data=st.data())
+def test_merge_is_order_independent_and_idempotent(proposals, data):
+    epochs = sorted({p.epoch for p in proposals})
+    reference = RelabelTable()
+    for epoch in epochs:
+        reference.merge(p for p in proposals if p.epoch == epoch)
+
+    assert table_of(*proposals) == reference  # one call with every epoch
+
+    split = RelabelTable()  # each epoch shuffled and cut into chunks, as ranks and steps would
+    for epoch in epochs:
+        batch = data.draw(st.permutations([p for p in proposals if p.epoch == epoch]))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(batch)), max_size=4)))
+        for lo, hi in zip([0, *cuts], [*cuts, len(batch)]):
+            split.merge(batch[lo:hi])
+    assert split == reference and split.digest() == reference.digest()
+
+    assert reference.merge(proposals) == 0  # idempotent
+    assert reference == split
+    last = [p for p in proposals if epochs and p.epoch == epochs[-1]]
+    assert reference.merge(last) == 0 and reference == split
+
+    backwards = RelabelTable()  # epochs out of order: the current labels still agree
+    for epoch in reversed(epochs):
+        backwards.merge(p for p in proposals if p.epoch == epoch)
+    assert {k: backwards.get(k) for k in "abcde"} == {k: reference.get(k) for k in "abcde"}
+
+
+def test_full_ties_resolve_the_same_in_every_order():
+    # Same key, epoch, margin and new label, read with three different old labels.
+    tied = [Proposal("k", old, 0, 0.5, 10) for old in (3, 1, 2)]
+    expected = table_of(*tied).to_pydict()
+    assert expected["original_label"] == [1]
+    for order in itertools.permutations(tied):
+        one_by_one = RelabelTable()
+        for p in order:
+            one_by_one.merge([p])
+        assert one_by_one.to_pydict() == expected
+
+
+def test_audit_hand_built():
+    classes = ["neutral", "happiness", "sadness", "surprise"]
+    truth = {"a": 0, "b": 1, "d": 0, "e": 1, "f": 2, "g": 1, "h": 2}
+    given_ = {"a": 1, "b": 2, "d": 0, "e": 1, "f": 1, "g": 0, "h": 2}
+    t = table_of(
+        Proposal("a", 1, 0, 0.5, 10),  # noisy, restored
+        Proposal("b", 2, 0, 0.5, 10),  # noisy, changed to another wrong label
+        Proposal("d", 0, 2, 0.5, 10),  # clean, corrupted
+        Proposal("f", 1, 2, 0.5, 10),  # noisy, restored
+        Proposal("g", 0, 1, 0.5, 10),  # noisy, restored
+        Proposal("h", 2, 0, 0.5, 10),  # clean, changed ...
+    )
+    t.merge([Proposal("h", 0, 2, 0.5, 11)])  # ... and changed back: not a change any more
+    report = t.audit(truth, given_, classes)
+    assert {k: report[k] for k in ("samples", "noisy", "changed", "restored", "corrupted")} == {
+        "samples": 7,
+        "noisy": 4,
+        "changed": 5,
+        "restored": 3,
+        "corrupted": 1,
+    }
+    assert report["precision"] == pytest.approx(3 / 5)
+    assert report["recall"] == pytest.approx(3 / 4)
+    neutral, happiness, sadness, surprise = (report["per_class"][c] for c in classes)
+    assert (neutral["precision"], neutral["recall"], neutral["corrupted"]) == (0.5, 1.0, 1)
+    assert (happiness["samples"], happiness["precision"], happiness["recall"]) == (3, 0.5, 0.5)
+    assert (sadness["samples"], sadness["precision"], sadness["recall"]) == (2, 1.0, 1.0)
+    assert surprise == {"samples": 0, "noisy": 0, "changed": 0, "restored": 0, "corrupted": 0, "precision": None, "recall": None}
+    assert report["flow"] == [[0, 1, 1, 0], [1, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_audit_needs_ground_truth_for_every_sample():
+    with pytest.raises(ValueError, match="no ground truth"):
+        RelabelTable().audit({"a": 0}, {"a": 0, "b": 1}, ["neutral", "happiness"])
