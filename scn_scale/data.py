@@ -65,10 +65,12 @@ def shard_loader(
     seed: int = 0,
     epoch: int = 1,
     overrides: Mapping[str, int] | None = None,
+    balanced: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A loader over this rank's part of the set for one epoch (1-based).
 
-    Training shuffles samples within a buffer; evaluation reads in order. Either way
+    Training shuffles samples within a buffer; evaluation reads in order. `balanced`
+    draws every class equally often (by the set's class counts). Either way
     every rank gets the same number of batches, and the caller de-duplicates by key
     where each sample must count once.
     """
@@ -83,6 +85,7 @@ def shard_loader(
         seed=seed,
         overrides=overrides,
         shuffle_buffer=4 * batch_size if train else 0,
+        balanced=balanced,
     )
     stream.set_epoch(epoch)
     return make_loader(stream, pin_memory=torch.cuda.is_available())

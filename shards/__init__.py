@@ -1,28 +1,40 @@
-"""The dataset format every part of scn-scale speaks: WebDataset tars plus a parquet manifest."""
+"""The dataset format every part of scn-scale speaks: WebDataset tars plus a parquet manifest.
 
-from shards.classes import BASIC7, CANONICAL, class_index, index_map, validate_classes
-from shards.manifest import read_manifest
-from shards.reader import ShardSet, ShardSetError, ShardStream, make_loader, open_shard_set, plan_epoch
-from shards.sample import Sample, key_from_bytes, key_from_source
-from shards.writer import DuplicateKeyError, ShardWriter, finalize
+Names are imported lazily (PEP 562): the writer and reader pull in webdataset and with
+it torch, which a process that only needs the class list (the embedded web, say) should
+not pay for at start-up.
+"""
 
-__all__ = [
-    "BASIC7",
-    "CANONICAL",
-    "DuplicateKeyError",
-    "Sample",
-    "ShardSet",
-    "ShardSetError",
-    "ShardStream",
-    "ShardWriter",
-    "class_index",
-    "finalize",
-    "index_map",
-    "key_from_bytes",
-    "key_from_source",
-    "make_loader",
-    "open_shard_set",
-    "plan_epoch",
-    "read_manifest",
-    "validate_classes",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BASIC7": "shards.classes",
+    "CANONICAL": "shards.classes",
+    "class_index": "shards.classes",
+    "index_map": "shards.classes",
+    "validate_classes": "shards.classes",
+    "read_manifest": "shards.manifest",
+    "ShardSet": "shards.reader",
+    "ShardSetError": "shards.reader",
+    "ShardStream": "shards.reader",
+    "make_loader": "shards.reader",
+    "open_shard_set": "shards.reader",
+    "plan_epoch": "shards.reader",
+    "Sample": "shards.sample",
+    "key_from_bytes": "shards.sample",
+    "key_from_source": "shards.sample",
+    "DuplicateKeyError": "shards.writer",
+    "ShardWriter": "shards.writer",
+    "finalize": "shards.writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'shards' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -55,6 +55,7 @@ class ShardSet:
     shards: tuple[str, ...]
     sizes: tuple[int, ...]
     classes: tuple[str, ...]
+    class_counts: tuple[int, ...]  # samples per class, in class-list order
 
     @property
     def num_samples(self) -> int:
@@ -72,7 +73,8 @@ def open_shard_set(url: str) -> ShardSet:
     with fs.open(join(root, SIZES_NAME), "r") as f:
         sizes: dict[str, int] = json.load(f)
     with fs.open(join(root, STATS_NAME), "r") as f:
-        classes = json.load(f)["classes"]
+        stats = json.load(f)
+    classes = stats["classes"]
     if not sizes:
         raise ShardSetError(f"shard set {url}: it holds no shard")
     names = sorted(sizes)
@@ -81,6 +83,7 @@ def open_shard_set(url: str) -> ShardSet:
         shards=tuple(to_url(fs, join(root, n)) for n in names),
         sizes=tuple(int(sizes[n]) for n in names),
         classes=tuple(classes),
+        class_counts=tuple(int(stats["per_class"].get(c, 0)) for c in classes),
     )
 
 
@@ -163,6 +166,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         overrides: Mapping[str, int] | None = None,
         shuffle_buffer: int = 0,
+        balanced: bool = False,
     ) -> None:
         self.shard_set = shard_set
         self.rank, self.world_size = rank, world_size
@@ -174,6 +178,12 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.overrides = dict(overrides or {})
         self.shuffle_buffer = shuffle_buffer
+        # Class-balanced sampling for a stream: keep a sample of class c with probability
+        # min_count / count[c], so every class arrives equally often (the AffectNet recipe).
+        counts = [c for c in shard_set.class_counts if c > 0]
+        self.keep_prob = (
+            [min(counts) / c if c else 0.0 for c in shard_set.class_counts] if balanced and counts else None
+        )
         self.epoch = 1
         self.plan()  # validate shard count against readers before any worker starts
 
@@ -211,6 +221,15 @@ class ShardStream(IterableDataset):
             if not yielded:
                 raise ShardSetError(f"shards {shard_urls} yielded no sample at all")
 
+    def _keep(self, raw: Mapping[str, Any], rng: random.Random) -> bool:
+        """The balanced-sampling draw, made before decoding so rejected samples cost no decode."""
+        if self.keep_prob is None:
+            return True
+        try:
+            return rng.random() < self.keep_prob[int(raw["cls"])]
+        except (KeyError, ValueError, IndexError):
+            return True  # malformed: decoding will count it as skipped
+
     def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         key = raw["__key__"]
         label = self.overrides.get(key, int(raw["cls"]))
@@ -228,6 +247,8 @@ class ShardStream(IterableDataset):
         batch: list[dict[str, Any]] = []
         produced = 0
         for raw in samples:
+            if not self._keep(raw, rng):
+                continue
             try:
                 batch.append(self._decode(raw))
             except Exception as exc:  # a corrupt sample costs itself, not the run

@@ -320,3 +320,20 @@ def test_fast_tar_reader_reports_truncation(tmp_path: Path) -> None:
     data = (tmp_path / "shard-000000.tar").read_bytes()
     with pytest.raises(TarFormatError, match="truncated"):
         list(iter_members(io.BytesIO(data[:1000]), "cut.tar"))
+
+
+def test_balanced_stream_draws_classes_equally(tmp_path: Path, rng: np.random.Generator) -> None:
+    classes = ("neutral", "happiness")
+    with ShardWriter(tmp_path, classes, max_samples=50) as writer:
+        for i in range(200):  # 160 neutral, 40 happiness
+            data = jpeg_bytes(rng, 8)
+            writer.write(Sample(key=key_from_bytes(data), image=data, label=int(i % 5 == 0)))
+    shard_set = open_shard_set(str(tmp_path))
+    assert shard_set.class_counts == (160, 40)
+    labels = []
+    for epoch in range(1, 4):
+        stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=0, batch_size=10,
+                             transform=_identity, balanced=True, seed=epoch)
+        labels += [int(x) for b in make_loader(stream) for x in b["label"]]
+    share = sum(labels) / len(labels)
+    assert 0.38 < share < 0.62, share  # unbalanced it would be 0.2
