@@ -1,0 +1,77 @@
+"""Search providers by name: one module per source, built from flat settings by `get_provider`.
+
+Settings are keyword arguments: the provider's own (api_base, input, allow_youtube,
+thumb_width, licenses, ...), any `RatePolicy` field (requests_per_second, concurrency,
+max_results, page_size) and any `RetryPolicy` field (max_retries, backoff_s,
+max_backoff_s, sleep_scale). A setting given as None means "the provider's default";
+an unknown one is an error naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields, replace
+from typing import Any
+
+from crawler.providers.base import OwnsQueries, Provider, ProviderError, RatePolicy, RetryPolicy, SearchPage
+from crawler.providers.flickr import FlickrProvider
+from crawler.providers.openverse import LocalWebProvider, OpenverseProvider
+from crawler.providers.urllist import UrlListProvider
+from crawler.providers.wikimedia import WikimediaProvider
+from crawler.providers.youtube import YouTubeProvider
+
+PROVIDERS: dict[str, type] = {
+    "openverse": OpenverseProvider,
+    "wikimedia": WikimediaProvider,
+    "flickr": FlickrProvider,
+    "urllist": UrlListProvider,
+    "youtube": YouTubeProvider,
+    "localweb": LocalWebProvider,
+}
+
+_RATE_FIELDS = {f.name for f in fields(RatePolicy)}
+_RETRY_FIELDS = {f.name for f in fields(RetryPolicy)}
+
+__all__ = [
+    "PROVIDERS",
+    "OwnsQueries",
+    "Provider",
+    "ProviderError",
+    "RatePolicy",
+    "RetryPolicy",
+    "SearchPage",
+    "get_provider",
+]
+
+
+def get_provider(name: str, **settings: Any) -> Provider:
+    """Build the provider `name` from flat settings, validated before any request is made."""
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; known: {sorted(PROVIDERS)}")
+    cls = PROVIDERS[name]
+    settings = {k: v for k, v in settings.items() if v is not None}
+    accepted = _keyword_parameters(cls)
+    rate = {k: settings.pop(k) for k in _RATE_FIELDS & settings.keys()}
+    retry = {k: settings.pop(k) for k in _RETRY_FIELDS & settings.keys()} if "retry" in accepted else {}
+    unknown = sorted(settings.keys() - accepted)
+    if unknown:
+        known = sorted((accepted - {"rate", "retry"}) | _RATE_FIELDS | (_RETRY_FIELDS if "retry" in accepted else set()))
+        raise ValueError(f"unknown settings {unknown} for provider {name!r}; known: {known}")
+    settings["rate"] = replace(cls.default_rate, **rate)
+    if retry:
+        settings["retry"] = RetryPolicy(**retry)
+    return cls(**settings)
+
+
+def _keyword_parameters(cls: type) -> set[str]:
+    """Keyword parameters of `cls.__init__` and of the initializers it forwards `**common` to."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names

@@ -1,0 +1,238 @@
+"""The provider interface, and the HTTP etiquette every search API is spoken to with.
+
+A provider turns one `Query` into pages of `Candidate`s. Its `RatePolicy` says how
+hard it may be asked (requests per second, requests in flight, results per query,
+page size), and `JsonApi` enforces it: requests spaced by the rate, an honest
+User-Agent, retries only for 429, 5xx and network failures, waits that follow
+`Retry-After`, and errors that name the URL (with API keys blanked) and the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+from urllib.parse import urlencode
+
+import aiohttp
+
+from crawler.candidate import Candidate
+from crawler.http import CONTACT_URL, RateLimiter, backoff_seconds, retry_after_seconds, user_agent
+from crawler.queries import Query
+
+logger = logging.getLogger(__name__)
+
+
+class ProviderError(RuntimeError):
+    """A search request that failed for good: names the provider, the URL and the HTTP status."""
+
+    def __init__(self, provider: str, url: str, status: int | None, detail: str) -> None:
+        self.provider = provider
+        self.url = url
+        self.status = status
+        where = f"{url} answered HTTP {status}" if status is not None else url
+        super().__init__(f"{provider}: {where}: {detail}")
+
+
+@dataclass(frozen=True)
+class RatePolicy:
+    """How hard a provider may be asked; the defaults of each provider follow its published limits."""
+
+    requests_per_second: float
+    concurrency: int
+    max_results: int
+    page_size: int
+
+    def __post_init__(self) -> None:
+        if self.requests_per_second <= 0 or self.concurrency < 1 or self.max_results < 1 or self.page_size < 1:
+            raise ValueError(f"invalid rate policy {self}: every field must be positive")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of 429, 5xx and network failures: `max_retries` after the first try, exponential backoff.
+
+    `sleep_scale` multiplies every wait; tests shrink it so a `Retry-After` costs milliseconds.
+    A server asking for more than `max_backoff_s` is not waited for: the request fails.
+    """
+
+    max_retries: int = 4
+    backoff_s: float = 1.0
+    max_backoff_s: float = 120.0
+    sleep_scale: float = 1.0
+
+
+@dataclass
+class SearchPage:
+    """One page of results and the opaque cursor of the next page (None: the query is exhausted)."""
+
+    candidates: list[Candidate]
+    next_cursor: str | None
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+    rate: RatePolicy
+
+    async def search(
+        self, session: aiohttp.ClientSession, query: Query, limit: int, cursor: str | None
+    ) -> SearchPage:
+        """Up to `limit` results of `query` from the page `cursor` points at (None: the first page)."""
+        ...
+
+
+@runtime_checkable
+class OwnsQueries(Protocol):
+    """A provider whose input defines its own queries (a URL list): discovery runs those by default."""
+
+    def queries(self) -> list[Query]: ...
+
+
+class JsonApi:
+    """One provider's JSON API client: rate limit, retries, User-Agent, and secret-free error messages."""
+
+    def __init__(
+        self,
+        provider: str,
+        rate: RatePolicy,
+        retry: RetryPolicy,
+        contact: str = CONTACT_URL,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.provider = provider
+        self.retry = retry
+        self.user_agent = user_agent(contact)
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        #: Values blanked from every message (API keys, client secrets, tokens); providers add theirs.
+        self.secrets: list[str] = []
+        self._limiter = RateLimiter(rate.requests_per_second)
+
+    async def get(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        params: dict[str, str],
+        headers: dict[str, str] | None = None,
+        retry_if: Callable[[Any], bool] | None = None,
+        error_of: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        """GET a JSON document.
+
+        Some APIs report failures inside a 200 answer: `retry_if(payload)` marks one as
+        transient (Wikimedia's maxlag, Flickr's 'service unavailable'), `error_of(payload)`
+        returns the message of a permanent one.
+        """
+        return await self._request(session, "GET", url, params, None, headers, retry_if, error_of)
+
+    async def post(
+        self, session: aiohttp.ClientSession, url: str, data: dict[str, str], headers: dict[str, str] | None = None
+    ) -> Any:
+        """POST a form and read a JSON answer (OAuth token requests); the form is never shown in errors."""
+        return await self._request(session, "POST", url, None, data, headers, None, None)
+
+    def scrub(self, text: str) -> str:
+        """`text` with every secret replaced, for messages and logs."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _display(self, url: str, params: dict[str, str] | None) -> str:
+        """The URL as messages show it: secret parameters blanked before encoding, so no encoding hides one."""
+        if not params:
+            return url
+        shown = {k: "***" if v in self.secrets else v for k, v in params.items()}
+        return self.scrub(f"{url}?{urlencode(shown, safe='*|')}")
+
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        params: dict[str, str] | None,
+        data: dict[str, str] | None,
+        headers: dict[str, str] | None,
+        retry_if: Callable[[Any], bool] | None,
+        error_of: Callable[[Any], str | None] | None,
+    ) -> Any:
+        shown = self._display(url, params)
+        headers = {"User-Agent": self.user_agent, "Accept": "application/json", **(headers or {})}
+        attempt = 0
+        while True:
+            await self._limiter.wait()
+            retry_after: float | None = None
+            status: int | None = None
+            try:
+                async with session.request(
+                    method, url, params=params, data=data, headers=headers, timeout=self.timeout
+                ) as resp:
+                    status = resp.status
+                    retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+                    body = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                reason = self.scrub(f"{type(exc).__name__}: {exc}")
+            else:
+                if status == 429 or status >= 500:
+                    reason = f"HTTP {status}"
+                elif status >= 400:
+                    raise ProviderError(self.provider, shown, status, self.scrub(_excerpt(body)))
+                else:
+                    payload = _json(body, self.provider, shown, status)
+                    if retry_if is None or not retry_if(payload):
+                        message = error_of(payload) if error_of else None
+                        if message:
+                            raise ProviderError(self.provider, shown, status, self.scrub(message))
+                        return payload
+                    reason = f"transient API error: {self.scrub(_excerpt(body))}"
+            if attempt == self.retry.max_retries:
+                raise ProviderError(self.provider, shown, status, f"gave up after {attempt + 1} attempts: {reason}")
+            if retry_after is not None and retry_after > self.retry.max_backoff_s:
+                raise ProviderError(
+                    self.provider, shown, status, f"asked to wait {retry_after:.0f} s, more than max_backoff_s"
+                )
+            delay = (
+                retry_after
+                if retry_after is not None
+                else backoff_seconds(attempt, self.retry.backoff_s, self.retry.max_backoff_s)
+            )
+            logger.warning("%s: %s (%s); retry %d in %.1f s", self.provider, shown, reason, attempt + 1, delay)
+            await asyncio.sleep(delay * self.retry.sleep_scale)
+            attempt += 1
+
+
+class HttpProvider:
+    """What the web-API providers share: a base URL (configurable, so tests point it at 127.0.0.1), a rate policy, a `JsonApi`."""
+
+    name: str
+    default_base: str | None
+    default_rate: RatePolicy
+
+    def __init__(
+        self,
+        *,
+        api_base: str | None = None,
+        rate: RatePolicy | None = None,
+        retry: RetryPolicy | None = None,
+        contact: str = CONTACT_URL,
+        timeout_s: float = 30.0,
+    ) -> None:
+        base = api_base or self.default_base
+        if not base:
+            raise ValueError(f"provider {self.name!r} needs api_base (the URL of its search API)")
+        self.api_base = base.rstrip("/")
+        self.rate = rate or self.default_rate
+        self.api = JsonApi(self.name, self.rate, retry or RetryPolicy(), contact, timeout_s)
+
+
+def _json(body: bytes, provider: str, shown: str, status: int) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ProviderError(provider, shown, status, f"answer is not JSON: {_excerpt(body)}") from None
+
+
+def _excerpt(body: bytes, limit: int = 200) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
