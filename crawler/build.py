@@ -1,0 +1,554 @@
+"""`python -m crawler.build`: search queries (or a URL list) to a shard set of aligned faces.
+
+    python -m crawler.build --queries queries.yaml --provider openverse --out runs/web
+    python -m crawler.build --provider urllist --input urls.csv --out runs/list --faces none
+    python -m crawler.build --provider localweb --api-base http://127.0.0.1:8000 \\
+        --allow-host 127.0.0.1 --out runs/demo --resume --ray-address auto
+
+Stages and files, in OUT:
+1. discovery (`crawler.discover`) writes `candidates.parquet` first (reused on resume);
+2. candidates are cut into work shards of `work_shard_size`; `work/plan.json` records
+   the cut and every setting that decides the output, and a resume with other ones is
+   refused;
+3. each work shard is fetched and processed by one task (`crawler.pipeline`), in local
+   processes or as Ray tasks (`--ray-address`); the driver writes its
+   `work/ws-NNNNNN.faces.parquet` and then, atomically and last, its
+   `work/ws-NNNNNN.status.parquet` (one row per candidate, failures included): a work
+   shard is done when its status file exists;
+4. work shards are committed in index order, duplicates across them removed, into the
+   shard set (`shard-NNNNNN.tar`, `manifest.parquet`, `stats.json`, via `shards`);
+5. `duplicates.parquet` (what was dropped as a copy of what), `crawl_summary.json` and
+   a summary table; against the embedded web, the measured label noise of what was written.
+
+Exit status 0 when the crawl ran to the end, whatever share of URLs failed; 2 for bad
+arguments or settings, 1 when the crawl could not run (discovery failed, e.g. the API
+is unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+import typing
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from tqdm import tqdm
+
+from crawler.distribute import DistributeConfig, open_runner
+from crawler.faces import HAAR_INSTALL, MTCNN_INSTALL
+from crawler.pipeline import (
+    DECODE_FAILURES,
+    DROPPED_SCHEMA,
+    SKIPPED,
+    Committer,
+    PipelineConfig,
+    WorkShardOutput,
+    candidate_dicts,
+    process_work_shard,
+)
+
+# `shards` is imported inside the functions that use it: importing it loads webdataset and
+# torch (seconds), and every spawned worker process re-imports this module as __main__.
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_NAME = "candidates.parquet"
+WORK_DIR = "work"
+PLAN_NAME = "plan.json"
+SUMMARY_NAME = "crawl_summary.json"
+CONFIG_NAME = "crawl_config.json"
+DUPLICATES_NAME = "duplicates.parquet"
+
+
+class CrawlConfigError(ValueError):
+    """The crawl is misconfigured; nothing was started."""
+
+
+class CrawlError(RuntimeError):
+    """The crawl could not run (discovery failed, the API is unreachable)."""
+
+
+@dataclass(frozen=True)
+class CrawlConfig:
+    out: str
+    provider: str
+    queries: str | None = None
+    api_base: str | None = None
+    input: str | None = None
+    #: Results asked per query; None: 200 for a search API, all of it for a URL list.
+    per_query: int | None = None
+    discover_concurrency: int = 4
+    #: Extra provider settings (see crawler.providers.get_provider), e.g. {"max_retries": 0}.
+    provider_settings: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    work_shard_size: int = 256
+    max_shard_samples: int = 1000
+    max_shard_bytes: int = 256 * 1024 * 1024
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    progress: bool = True
+    #: Measure label noise against the embedded web's ground truth: None = when the API is on a loopback host.
+    label_noise: bool | None = None
+
+    def discover_config(self):
+        from crawler.discover import DiscoverConfig
+
+        settings = dict(self.provider_settings)
+        if self.input is not None:
+            settings["input"] = self.input
+        per_query = self.per_query or (10**12 if self.provider == "urllist" else 200)
+        return DiscoverConfig(provider=self.provider, api_base=self.api_base, per_query=per_query,
+                              concurrency=self.discover_concurrency, settings=settings, progress=self.progress)
+
+    def validate(self) -> "CrawlConfig":
+        """Check every setting before any work starts; raises CrawlConfigError naming the fault."""
+        from crawler.providers import PROVIDERS
+
+        try:
+            if self.provider not in PROVIDERS:
+                raise ValueError(f"unknown provider {self.provider!r}; known: {sorted(PROVIDERS)}")
+            if self.provider == "urllist" and not self.input:
+                raise ValueError("--provider urllist needs --input FILE (csv, tsv, jsonl or parquet)")
+            if self.input is not None and not Path(self.input).is_file():
+                raise ValueError(f"input file {self.input} does not exist")
+            if self.queries is not None and not Path(self.queries).is_file():
+                raise ValueError(f"queries file {self.queries} does not exist")
+            if self.per_query is not None and self.per_query < 1:
+                raise ValueError(f"per_query must be positive, got {self.per_query}")
+            for name in ("discover_concurrency", "work_shard_size", "max_shard_samples", "max_shard_bytes"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            self.pipeline.validate()
+            self.distribute.validate()
+            mode = self.pipeline.faces.mode
+            if mode == "mtcnn" and importlib.util.find_spec("facenet_pytorch") is None:
+                raise ValueError(f"--faces mtcnn needs facenet-pytorch: {MTCNN_INSTALL}")
+            if mode == "haar" and importlib.util.find_spec("cv2") is None:
+                raise ValueError(f"--faces haar needs OpenCV: {HAAR_INSTALL}")
+            if self.provider != "urllist" and self.queries is not None:
+                from crawler.queries import load_queries
+
+                load_queries(self.queries)
+            self.discover_config().build_provider()  # reads and checks a URL list, checks provider settings
+            out = Path(self.out)
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--out {out} exists and is not a directory")
+            if not self.resume and out.is_dir() and _holds_crawl(out):
+                raise ValueError(f"{out} already holds a crawl: pass --resume to continue it, or choose an empty --out")
+        except (ValueError, ImportError, OSError) as exc:
+            raise CrawlConfigError(str(exc)) from exc
+        return self
+
+
+def _holds_crawl(out: Path) -> bool:
+    return (out / CANDIDATES_NAME).exists() or (out / WORK_DIR).exists() or any(out.glob("shard-*.tar"))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _plan(out: Path, cfg: CrawlConfig, num_candidates: int, classes: list[str]) -> dict[str, Any]:
+    """Write `work/plan.json`, or check a resumed crawl against it."""
+    pipeline = dataclasses.asdict(cfg.pipeline)
+    pipeline.pop("fetch")  # fetch settings may change between runs: they decide how, not what
+    pipeline.pop("torch_threads")
+    plan = _jsonable({
+        "candidates": num_candidates,
+        "candidates_sha256": _sha256_file(out / CANDIDATES_NAME),
+        "work_shard_size": cfg.work_shard_size,
+        "classes": classes,
+        "pipeline": pipeline,
+    })
+    path = out / WORK_DIR / PLAN_NAME
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != plan:
+            changed = sorted(k for k in plan if existing.get(k) != plan[k])
+            raise CrawlConfigError(
+                f"{path}: this crawl was started with other settings ({', '.join(changed)} differ); "
+                "resume it with the same settings, or start a new --out"
+            )
+    else:
+        from shards import atomic
+
+        atomic.write_json(path, plan)
+    return plan
+
+
+def _work_paths(out: Path, index: int) -> tuple[Path, Path]:
+    stem = out / WORK_DIR / f"ws-{index:06d}"
+    return Path(f"{stem}.faces.parquet"), Path(f"{stem}.status.parquet")
+
+
+def _save_work_shard(out: Path, output: WorkShardOutput) -> None:
+    from shards import atomic
+
+    faces_path, status_path = _work_paths(out, output.index)
+    atomic.write_parquet(faces_path, output.faces)
+    status = output.status.replace_schema_metadata({"worker": output.worker})
+    atomic.write_parquet(status_path, status)  # last: the work shard's completion marker
+
+
+def _classes(candidates: Sequence[Any], queries: Sequence[Any]) -> list[str]:
+    from shards.classes import CANONICAL
+
+    names = {q.label for q in queries} | {label for c in candidates for label in c.labels}
+    return [c for c in CANONICAL if c in names]
+
+
+def run_crawl(cfg: CrawlConfig) -> dict[str, Any]:
+    """Run (or resume) a crawl into `cfg.out`; returns the summary also written to crawl_summary.json."""
+    from shards import atomic
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    atomic.write_json(out / CONFIG_NAME, _jsonable(dataclasses.asdict(cfg)))
+    try:
+        runner = open_runner(cfg.distribute)  # workers start now, while discovery runs
+    except ConnectionError as exc:
+        raise CrawlError(f"cannot reach the Ray cluster at {cfg.distribute.ray_address}: {exc}") from exc
+    with runner:
+        candidates, classes, resumed = _discover(cfg, out)
+        committer, num_shards, fresh, crawl_s = _crawl(cfg, out, runner, candidates, classes)
+    _compact_work(out, num_shards)
+    atomic.write_parquet(out / DUPLICATES_NAME, pa.Table.from_pylist(committer.stats.dropped, schema=DROPPED_SCHEMA))
+    summary = summarize(out, num_shards, committer)
+    summary.update(
+        provider=cfg.provider,
+        classes=classes,
+        discovery_resumed=resumed,
+        candidates_fetched_this_run=fresh,
+        crawl_s=round(crawl_s, 3),
+        elapsed_s=round(time.monotonic() - start, 3),
+        images_per_s=round(fresh / crawl_s, 2) if crawl_s > 0 and fresh else None,
+    )
+    summary["label_noise"] = _label_noise(cfg, out)
+    atomic.write_json(out / SUMMARY_NAME, summary)
+    return summary
+
+
+def _discover(cfg: CrawlConfig, out: Path) -> tuple[list[Any], list[str], bool]:
+    """Candidates (discovered now, or read back on resume), the set's classes, and whether discovery was reused."""
+    from crawler.candidate import read_candidates
+    from crawler.discover import DiscoveryError, discover
+    from crawler.providers import ProviderError
+
+    queries = []
+    if cfg.provider != "urllist":
+        from crawler.queries import load_queries
+
+        queries = load_queries(cfg.queries)
+    try:
+        discovered = discover(queries or None, cfg.discover_config(), out / CANDIDATES_NAME)
+    except (DiscoveryError, ProviderError) as exc:
+        raise CrawlError(f"discovery failed: {exc}") from exc
+    candidates = read_candidates(out / CANDIDATES_NAME)
+    classes = _classes(candidates, queries)
+    if not classes:
+        raise CrawlError(f"discovery found no candidates ({out / CANDIDATES_NAME} is empty)")
+    _plan(out, cfg, len(candidates), classes)
+    return candidates, classes, bool(discovered.resumed)
+
+
+def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any],
+           classes: list[str]) -> tuple[Committer, int, int, float]:
+    """Run the work shards not yet done and commit every work shard in order into the shard set."""
+    from shards.writer import ShardWriter
+
+    rows = candidate_dicts(candidates, classes, cfg.pipeline.conflicts)
+    size = cfg.work_shard_size
+    num_shards = (len(rows) + size - 1) // size
+    done = {i for i in range(num_shards) if _work_paths(out, i)[1].exists()}
+    tasks = [(i, rows[i * size:(i + 1) * size], cfg.pipeline) for i in range(num_shards) if i not in done]
+    fresh = sum(len(t[1]) for t in tasks)
+    log.info("%d candidates in %d work shards; %d already done", len(rows), num_shards, len(done))
+    crawl_start = time.monotonic()
+    with ShardWriter(out, classes, max_samples=cfg.max_shard_samples, max_bytes=cfg.max_shard_bytes) as writer:
+        committer = Committer(writer, classes, cfg.pipeline.dedupe)
+
+        def commit_ready() -> None:
+            while committer.next_index in done:
+                i = committer.next_index
+                committer.commit(i, pq.read_table(_work_paths(out, i)[0]))
+
+        commit_ready()  # on resume: replays what is done, so dedupe decisions are rebuilt identically
+        with tqdm(total=len(rows), initial=len(rows) - fresh, unit="img", desc="crawl", disable=not cfg.progress,
+                  dynamic_ncols=True) as bar:
+            for output in runner.run(process_work_shard, tasks):
+                _save_work_shard(out, output)
+                done.add(output.index)
+                commit_ready()
+                bar.update(output.status.num_rows)
+                bar.set_postfix(written=committer.stats.written + committer.stats.already_written, refresh=False)
+        if committer.next_index != num_shards:
+            raise RuntimeError(f"only {committer.next_index} of {num_shards} work shards were committed")
+    return committer, num_shards, fresh, time.monotonic() - crawl_start
+
+
+def _compact_work(out: Path, num_shards: int) -> None:
+    """Once every face is in a finished shard, drop the image bytes from the work files (hashes stay for resume)."""
+    from shards import atomic
+
+    for i in range(num_shards):
+        path = _work_paths(out, i)[0]
+        table = pq.read_table(path)
+        if table.column("image").null_count < table.num_rows:
+            images = table.schema.get_field_index("image")
+            atomic.write_parquet(path, table.set_column(images, "image", pa.nulls(table.num_rows, pa.binary())))
+
+
+def summarize(out: Path, num_shards: int, committer: Committer) -> dict[str, Any]:
+    """Counts over every work shard's status rows plus the commit's decisions."""
+    statuses: Counter = Counter()
+    fetched = faces_found = 0
+    rejected: Counter = Counter()
+    for i in range(num_shards):
+        table = pq.read_table(_work_paths(out, i)[1], columns=["status", "fetch_status", "faces_found",
+                                                                 "faces_rejected"])
+        statuses.update(table.column("status").to_pylist())
+        fetched += table.column("fetch_status").to_pylist().count("ok")
+        faces_found += sum(v or 0 for v in table.column("faces_found").to_pylist())
+        for text in table.column("faces_rejected").to_pylist():
+            if text:
+                rejected.update(json.loads(text))
+    candidates = sum(statuses.values())
+    non_failures = {"ok", "duplicate", "no_face", "face_filtered", "opted_out", *SKIPPED}
+    stats = committer.stats
+    return {
+        "candidates": candidates,
+        "work_shards": num_shards,
+        "fetched": fetched,
+        "failed": dict(sorted((k, v) for k, v in statuses.items() if k not in non_failures)),
+        "failed_decode": sum(statuses[k] for k in DECODE_FAILURES),
+        "opted_out": statuses["opted_out"],
+        "skipped": {k: statuses[k] for k in SKIPPED if statuses[k]},
+        "no_face": statuses["no_face"],
+        "filtered": statuses["face_filtered"],
+        "faces_found": faces_found,
+        "faces_rejected": dict(sorted(rejected.items())),
+        "duplicates": dict(sorted(stats.duplicates.items())),
+        "written": sum(stats.per_class.values()),
+        "written_this_run": stats.written,
+        "already_written": stats.already_written,
+        "written_per_class": {c: stats.per_class[c] for c in committer.classes},
+        "statuses": dict(sorted(statuses.items())),
+    }
+
+
+def _label_noise(cfg: CrawlConfig, out: Path) -> dict[str, Any] | None:
+    """Label noise of the written set against the embedded web's `/ground_truth.json`, when there is one."""
+    if cfg.label_noise is False or not cfg.api_base:
+        return None
+    host = urlsplit(cfg.api_base).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if cfg.label_noise is None and not (cfg.provider == "localweb" or loopback):
+        return None
+    from crawler.localweb import label_noise
+    from shards.manifest import read_manifest
+
+    url = cfg.api_base.rstrip("/") + "/ground_truth.json"
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": cfg.pipeline.fetch.user_agent})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            truth = json.load(resp)
+    except (OSError, ValueError) as exc:
+        log.info("no ground truth at %s (%s): label noise not measured", url, exc)
+        return None
+    rows = read_manifest(str(out), columns=["url", "label_name"]).to_pylist()
+    return label_noise(rows, truth)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines: list[tuple[str, Any]] = [("candidates", summary["candidates"]), ("fetched", summary["fetched"])]
+    failed = summary["failed"]
+    lines.append(("failed", sum(failed.values())))
+    lines += [(f"  {reason}", n) for reason, n in failed.items()]
+    lines.append(("opted out", summary["opted_out"]))
+    for reason, n in summary["skipped"].items():
+        lines.append((f"skipped ({reason})", n))
+    lines += [("no face", summary["no_face"]), ("filtered (every face)", summary["filtered"])]
+    lines += [(f"  faces {reason}", n) for reason, n in summary["faces_rejected"].items()]
+    lines.append(("duplicates (faces)", sum(summary["duplicates"].values())))
+    lines += [(f"  {reason}", n) for reason, n in summary["duplicates"].items()]
+    lines.append(("written", summary["written"]))
+    lines += [(f"  {cls}", n) for cls, n in summary["written_per_class"].items()]
+    if summary.get("already_written"):
+        lines.append(("  (written before resume)", summary["already_written"]))
+    noise = summary.get("label_noise")
+    if noise:
+        lines.append(("label noise (measured)", f"{noise['noise']:.3f} ({noise['noisy']}/{noise['samples']})"))
+        lines += [(f"  {cls}", f"{v['noise']:.3f} ({v['noisy']}/{v['samples']})")
+                  for cls, v in noise["per_class"].items()]
+    if summary.get("images_per_s"):
+        lines.append(("images/s", summary["images_per_s"]))
+    width = max(len(name) for name, _ in lines)
+    return "\n".join(f"{name:<{width}}  {value:>8}" if isinstance(value, int) else f"{name:<{width}}  {value}"
+                     for name, value in lines)
+
+
+#: Shortcuts for --set: "fetch.timeout_s" means "pipeline.fetch.timeout_s".
+_SECTIONS = {"fetch": "pipeline.fetch", "decode": "pipeline.decode", "faces": "pipeline.faces",
+             "dedupe": "pipeline.dedupe", "conflicts": "pipeline.conflicts", "jpeg_quality": "pipeline.jpeg_quality",
+             "torch_threads": "pipeline.torch_threads"}
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ValueError(f"setting {path}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def override(obj: Any, path: str, value: Any) -> Any:
+    """A copy of the nested frozen dataclass `obj` with the dotted `path` set to `value`."""
+    head, _, rest = path.partition(".")
+    if head in _SECTIONS and obj.__class__ is CrawlConfig:
+        return override(obj, _SECTIONS[head] + (f".{rest}" if rest else ""), value)
+    names = {f.name for f in dataclasses.fields(obj)}
+    if head not in names:
+        raise ValueError(f"unknown setting {path!r} in {type(obj).__name__}; known: {sorted(names)}")
+    current = getattr(obj, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"setting {head!r} has no field {rest!r}")
+        return dataclasses.replace(obj, **{head: override(current, rest, value)})
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ValueError(f"setting {head!r} is a section: give a mapping")
+        for key, item in value.items():
+            current = override(current, key, item)
+        return dataclasses.replace(obj, **{head: current})
+    hint = typing.get_type_hints(type(obj))[head]
+    return dataclasses.replace(obj, **{head: _coerce(value, hint, path)})
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m crawler.build", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", help="queries YAML {class: {lang: [keyword, ...]}} (default: the built-in set)")
+    p.add_argument("--provider", required=True, help="openverse, wikimedia, flickr, urllist, youtube, localweb")
+    p.add_argument("--api-base", help="the provider's base URL (e.g. the embedded web's)")
+    p.add_argument("--input", help="the URL list for --provider urllist (csv, tsv, jsonl, parquet: url,label[,query])")
+    p.add_argument("--out", required=True, help="output directory (the shard set and the crawl's state)")
+    p.add_argument("--faces", choices=("mtcnn", "haar", "none"), help="face detector (default mtcnn)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="a host, address or network exempt from the private-address refusal (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the crawl already in --out")
+    p.add_argument("--ray-address", help="run work shards as Ray tasks on this cluster ('auto', 'HOST:PORT', 'local')")
+    p.add_argument("--workers", type=int, help="local worker processes (default: the CPU count; 0: in-process)")
+    p.add_argument("--per-query", type=int, help="results asked per query (default 200; a URL list: all rows)")
+    p.add_argument("--crop-size", type=int, help="aligned crop side in pixels (default 112; 224 doubles the template)")
+    p.add_argument("--max-shard-samples", type=int, help="samples per output shard (default 1000)")
+    p.add_argument("--work-shard-size", type=int, help="candidates per work shard (default 256)")
+    p.add_argument("--conflicts", choices=("skip", "first"),
+                   help="images found under several classes: skip them (default), or keep the first label in "
+                        "canonical order, flagged `conflict`")
+    p.add_argument("--config", help="YAML file of settings (same names as --set)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. fetch.timeout_s=5 faces.min_score=0.95 dedupe.max_distance=6 (repeatable)")
+    p.add_argument("--provider-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a provider setting, e.g. max_retries=0 page_size=20 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CrawlConfig:
+    cfg = CrawlConfig(out=args.out, provider=args.provider, distribute=DistributeConfig(workers=os.cpu_count() or 1))
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of settings")
+        for key, value in loaded.items():
+            cfg = override(cfg, key, value)
+    flags = {
+        "queries": args.queries, "api_base": args.api_base, "input": args.input, "faces.mode": args.faces,
+        "distribute.ray_address": args.ray_address, "distribute.workers": args.workers, "per_query": args.per_query,
+        "faces.crop_size": args.crop_size, "max_shard_samples": args.max_shard_samples,
+        "work_shard_size": args.work_shard_size, "conflicts": args.conflicts,
+    }
+    for key, value in flags.items():
+        if value is not None:
+            cfg = override(cfg, key, value)
+    if args.allow_host:
+        cfg = override(cfg, "fetch.allow_hosts", tuple(cfg.pipeline.fetch.allow_hosts) + tuple(args.allow_host))
+    if args.resume:
+        cfg = override(cfg, "resume", True)
+    if args.no_progress:
+        cfg = override(cfg, "progress", False)
+    for key, value in _key_values(args.set, "--set").items():
+        cfg = override(cfg, key, value)
+    settings = {**cfg.provider_settings, **_key_values(args.provider_setting, "--provider-setting")}
+    return dataclasses.replace(cfg, provider_settings=settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"crawler.build: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_crawl(cfg)
+    except CrawlConfigError as exc:
+        print(f"crawler.build: error: {exc}", file=sys.stderr)
+        return 2
+    except CrawlError as exc:
+        print(f"crawler.build: the crawl could not run: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(f"summary written to {Path(cfg.out) / SUMMARY_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The fetch stage and the address guard, against small servers on loopback addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections import Counter
+
+import pytest
+from aiohttp import web
+
+from crawler.fetch import FetchConfig, Fetcher, agent_token, robots_opt_out
+from crawler.http import USER_AGENT
+from crawler.localweb import ServerThread
+from crawler.netguard import AllowList, check_scheme, is_public
+
+
+# -- pure functions -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (["noai"], "noai"),
+        (["NoImageIndex"], "noimageindex"),
+        (["nofollow, noindex"], "noindex"),
+        (["noarchive", "noimageai"], "noimageai"),
+        (["scn-scale: noai"], "noai"),
+        (["*: noimageai"], "noimageai"),
+        (["googlebot: noindex"], None),
+        (["otherbot: noai", "nofollow"], None),
+        (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),
+        (["max-image-preview: none, noai"], "noai"),
+        ([], None),
+        (["all"], None),
+    ],
+)
+def test_robots_opt_out(values, expected) -> None:
+    assert robots_opt_out(values, agent_token(USER_AGENT)) == expected
+
+
+def test_agent_token_names_the_project() -> None:
+    assert agent_token(USER_AGENT) == "scn-scale"
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("127.0.0.2", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("224.0.0.1", False),
+    ],
+)
+def test_is_public(address, public) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+def test_allow_list_and_schemes() -> None:
+    allow = AllowList.parse(["127.0.0.1", "10.0.0.0/8", "Images.Internal"])
+    assert allow.allows_ip(ipaddress.ip_address("127.0.0.1"))
+    assert not allow.allows_ip(ipaddress.ip_address("127.0.0.2"))
+    assert allow.allows_ip(ipaddress.ip_address("10.9.8.7"))
+    assert allow.allows_name("images.internal.")
+    with pytest.raises(ValueError):
+        AllowList.parse(["http://x/"])
+    assert check_scheme("https://example.org/a.jpg") is None
+    for bad in ("ftp://example.org/a.jpg", "file:///etc/passwd", "javascript:alert(1)", "data:image/png;base64,AA",
+                "http:///nohost"):
+        assert check_scheme(bad) == "bad_scheme"
+
+
+def test_config_is_validated() -> None:
+    for bad in ({"timeout_s": 0}, {"max_bytes": -1}, {"retries": -1}, {"allow_hosts": ("a/b/c",)}):
+        with pytest.raises(ValueError):
+            FetchConfig(**bad).validate()
+
+
+# -- against a server -----------------------------------------------------------------------------
+
+class Recorder:
+    def __init__(self) -> None:
+        self.hits: Counter = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.times: list[float] = []
+
+
+@pytest.fixture
+def server():
+    rec = Recorder()
+
+    @web.middleware
+    async def track(request, handler):
+        rec.hits[request.path] += 1
+        rec.times.append(time.monotonic())
+        rec.in_flight += 1
+        rec.max_in_flight = max(rec.max_in_flight, rec.in_flight)
+        try:
+            return await handler(request)
+        finally:
+            rec.in_flight -= 1
+
+    async def image(request):
+        await asyncio.sleep(float(request.query.get("delay", "0")))
+        return web.Response(body=b"\xff\xd8" + request.path.encode() * 10, content_type="image/jpeg")
+
+    async def status(request):
+        code = int(request.match_info["code"])
+        return web.Response(status=code, headers={"Retry-After": request.query.get("after", "0")})
+
+    async def redirect(request):
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
+    async def chain(request):
+        n = int(request.match_info["n"])
+        return web.Response(status=301, headers={"Location": f"../chain/{n + 1}" if n < 50 else "/img/end"})
+
+    async def loop(request):
+        return web.Response(status=307, headers={"Location": "b" if request.match_info["x"] == "a" else "a"})
+
+    async def echo(request):
+        return web.Response(body=request.headers.get("User-Agent", "").encode(), content_type="image/jpeg")
+
+    app = web.Application(middlewares=[track])
+    app.router.add_get("/img/{name}", image)
+    app.router.add_get("/status/{code}", status)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/chain/{n}", chain)
+    app.router.add_get("/ua", echo)
+    app.router.add_get("/loop/{x}", loop)
+    with ServerThread(app, "127.0.0.1") as srv:
+        yield srv.base_url, rec
+
+
+def fetch(urls, allow=("127.0.0.1",), **settings):
+    cfg = FetchConfig(allow_hosts=allow, backoff_s=0.01, backoff_max_s=0.02, **settings)
+    return Fetcher(cfg).fetch_all(urls)
+
+
+def test_fetches_in_input_order_with_our_user_agent(server) -> None:
+    base, rec = server
+    urls = [f"{base}/img/{i}" for i in range(20)] + [f"{base}/ua"]
+    results = fetch(urls, per_host_rate=0)
+    assert [r.status for r in results] == ["ok"] * 21
+    assert results[3].data == b"\xff\xd8" + b"/img/3" * 10
+    assert results[-1].data.decode() == USER_AGENT
+    assert all(r.final_url == u for r, u in zip(results, urls))
+
+
+def test_retries_only_what_may_succeed_later(server) -> None:
+    base, rec = server
+    results = fetch([f"{base}/status/404", f"{base}/status/503", f"{base}/status/403"], retries=3)
+    assert [r.status for r in results] == ["http_404", "http_503", "http_403"]
+    assert rec.hits["/status/404"] == 1 and rec.hits["/status/403"] == 1
+    assert rec.hits["/status/503"] == 4
+    assert results[1].attempts == 4
+
+
+def test_retry_after_is_honoured_and_capped(server) -> None:
+    base, rec = server
+    start = time.monotonic()
+    (waited,) = fetch([f"{base}/status/429?after=0.5"], retries=1)
+    assert waited.status == "http_429" and rec.hits["/status/429"] == 2
+    assert time.monotonic() - start >= 0.5
+    (refused,) = fetch([f"{base}/status/503?after=99"], retries=3, retry_after_max_s=1)
+    assert refused.status == "http_503" and rec.hits["/status/503"] == 1
+    assert "Retry-After" in refused.error
+
+
+def test_deadline_covers_the_whole_request(server) -> None:
+    base, _ = server
+    (slow,) = fetch([f"{base}/img/x?delay=1"], timeout_s=0.3, retries=0)
+    assert slow.status == "timeout"
+    assert slow.elapsed_s < 1.5
+
+
+def test_redirects_are_followed_by_hand_and_checked(server) -> None:
+    base, rec = server
+    forbidden_host = "127.0.0.2"
+    results = fetch(
+        [
+            f"{base}/redirect?to=/img/target",
+            f"{base}/redirect?to=http://{forbidden_host}:9/img/x",
+            f"{base}/redirect?to=gopher://{forbidden_host}/x",
+            f"{base}/chain/0",
+            f"{base}/loop/a",
+            f"http://{forbidden_host}:9/img/direct",
+            "http://2130706433:9/img/legacy-number-form",
+        ],
+        max_redirects=3,
+    )
+    assert [r.status for r in results] == [
+        "ok", "forbidden_address", "bad_scheme", "too_many_redirects", "redirect_loop", "forbidden_address",
+        "bad_url",
+    ]
+    assert results[0].final_url == f"{base}/img/target"
+    assert rec.hits["/chain/0"] == 1 and rec.hits["/chain/3"] == 1 and rec.hits["/chain/4"] == 0
+
+
+def test_names_are_checked_after_resolution(server) -> None:
+    base, rec = server
+    port = base.rsplit(":", 1)[1]
+    # localhost resolves to a loopback address: refused unless that address (or the name) is allowed.
+    assert [r.status for r in fetch([f"http://localhost:{port}/img/a"], allow=())] == ["forbidden_address"]
+    assert [r.status for r in fetch([f"http://localhost:{port}/img/a"], allow=("localhost",))] == ["ok"]
+    assert [r.status for r in fetch([f"http://localhost:{port}/img/a"], allow=("127.0.0.0/8",))] == ["ok"]
+    assert rec.hits["/img/a"] == 2
+
+
+def test_per_host_limits(server) -> None:
+    base, rec = server
+    urls = [f"{base}/img/{i}?delay=0.05" for i in range(12)]
+    results = fetch(urls, per_host_concurrency=2, concurrency=16, per_host_rate=0)
+    assert all(r.ok for r in results)
+    assert rec.max_in_flight <= 2
+    rec.times.clear()
+    start = time.monotonic()
+    results = fetch([f"{base}/img/r{i}" for i in range(9)], per_host_rate=20, per_host_burst=1)
+    assert all(r.ok for r in results)
+    assert time.monotonic() - start >= 8 / 20 * 0.9  # 9 requests, one token every 50 ms
+
+
+def test_byte_cap(server) -> None:
+    base, _ = server
+    (big,) = fetch([f"{base}/img/{'x' * 50}"], max_bytes=100)
+    assert big.status == "too_large" and big.data is None
+
+
+def test_connection_refused_is_a_status(server) -> None:
+    (result,) = fetch(["http://127.0.0.1:9/img/nothing-listens"], retries=0)
+    assert result.status == "connection_error"
+
+
+def test_stream_stops_cleanly_when_the_consumer_leaves(server) -> None:
+    base, rec = server
+    fetcher = Fetcher(FetchConfig(allow_hosts=("127.0.0.1",), buffer=2, per_host_rate=0))
+    stream = fetcher.stream([f"{base}/img/{i}" for i in range(50)])
+    first = next(stream)
+    stream.close()  # must not hang, must stop fetching
+    assert first[1].ok
+    assert sum(rec.hits.values()) < 50
