@@ -205,8 +205,12 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return 0 if info is None else info.id
 
-    def _raw_samples(self, shard_urls: list[str], counter: list[int]) -> Iterator[dict[str, Any]]:
-        """Samples of the given shards, cycling; unreadable tar members are counted, not fatal."""
+    def _raw_samples(self, shard_urls: list[str], counter: list[int], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Samples of the given shards, cycling; unreadable tar members are counted, not fatal.
+
+        The shuffle buffer is drained at the end of every pass, so each pass yields every
+        sample once before the next begins (a buffer across passes would hold some back).
+        """
 
         def skip(exn: Exception) -> bool:
             log.warning("skipping unreadable data: %s", exn)
@@ -215,7 +219,10 @@ class ShardStream(IterableDataset):
 
         while True:
             yielded = 0
-            for sample in wds.tariterators.group_by_keys(_tar_files(shard_urls, skip), handler=skip):
+            samples = wds.tariterators.group_by_keys(_tar_files(shard_urls, skip), handler=skip)
+            if self.shuffle_buffer > 1:
+                samples = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+            for sample in samples:
                 yielded += 1
                 yield sample
             if not yielded:
@@ -241,9 +248,7 @@ class ShardStream(IterableDataset):
         mine = [self.shard_set.shards[i] for i in plan.assignments[self.rank][worker]]
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         counter = [0]
-        samples = self._raw_samples(mine, counter)
-        if self.shuffle_buffer > 1:
-            samples = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        samples = self._raw_samples(mine, counter, rng)
         batch: list[dict[str, Any]] = []
         produced = 0
         for raw in samples:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,24 @@ def write_shard_set(
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def one_rank():
+    """A one-process group, set up the way DeepSpeed expects outside Ray (distributed_notes.md).
+
+    One per session: DeepSpeed keeps the first process group it sees, so a group torn
+    down and made again by a later module would leave it holding a dead one.
+    """
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu").items():
+            env.setenv(name, value)
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -80,7 +80,7 @@ def test_set_opens_with_ray_data(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     keys = write_shard_set(tmp_path, [4, 3])
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.2")
     try:
         tars = sorted(str(p) for p in tmp_path.glob("*.tar"))
         rows = ray.data.read_webdataset(tars, decoder=None).take_all()
@@ -240,7 +240,7 @@ def test_reader_gives_every_rank_the_same_batches_and_covers_the_set(tmp_path: P
     lengths = []
     for rank in range(2):
         stream = ShardStream(shard_set, rank=rank, world_size=2, loader_workers=2, batch_size=4,
-                             transform=_identity, seed=3)
+                             transform=_identity, seed=3, shuffle_buffer=8)
         stream.set_epoch(2)
         batches = list(make_loader(stream))
         lengths.append(len(batches))

@@ -1,0 +1,181 @@
+"""Everything a run leaves under `out_dir/run_name/`: epoch checkpoints and the metrics file.
+
+One checkpoint directory per epoch holds every piece of state, so model and relabel
+table can never come from different epochs:
+
+    deepspeed/<tag>/...        DeepSpeed's files: rank 0's model states, every rank's
+                               ZeRO optimizer partition (each rank writes its own)
+    relabel_table.parquet      the relabel table after the epoch's merge
+    config.yaml                the resolved TrainConfig
+    classes.json               the class names, in output order
+    model.pt                   plain weights (scn_scale.weights), loads with weights_only=True
+    state.json                 epoch, tag, table digest, world size; written last
+
+There is no separate scheduler or RNG state to save: the learning rate is a function of
+the epoch (exponential decay), the data order is planned from (seed, epoch), and the
+trainer reseeds torch from (seed, epoch, rank) at the start of every epoch. So the epoch
+number is the whole data-order and RNG state, and a resumed epoch replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from scn_scale.config import TrainConfig, save_config
+from scn_scale.relabel_table import RelabelTable
+from scn_scale.weights import save_model_file
+from shards.atomic import write_json
+from shards.atomic import write_text as write_local_text
+from shards.fs import join, open_fs
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+DEEPSPEED_DIR = "deepspeed"
+TABLE_FILE = "relabel_table.parquet"
+CONFIG_FILE = "config.yaml"
+CLASSES_FILE = "classes.json"
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete or does not fit the run that tries to resume from it."""
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+def deepspeed_tag(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def run_dir(out_dir: str, run_name: str) -> str:
+    """Where Ray Train keeps the run (storage_path/name); a local path or a URL."""
+    return join(out_dir.rstrip("/"), run_name)
+
+
+def save(
+    directory: str,
+    engine: DeepSpeedEngine,
+    *,
+    epoch: int,
+    table: RelabelTable,
+    cfg: TrainConfig,
+    classes: Sequence[str],
+    rank: int,
+    world_size: int,
+) -> None:
+    """Write epoch `epoch`'s checkpoint into the local `directory`; every rank must call it.
+
+    Every rank writes its DeepSpeed files (its own directory on its own node; Ray merges
+    them at report time); rank 0 writes the rest, state.json last, so a directory with a
+    state file is complete.
+    """
+    tag = deepspeed_tag(epoch)
+    digest = table.digest()
+    engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=tag, client_state={"epoch": epoch, "table_digest": digest})
+    if rank != 0:
+        return
+    table.save(os.path.join(directory, TABLE_FILE))
+    save_config(cfg, os.path.join(directory, CONFIG_FILE))
+    write_json(os.path.join(directory, CLASSES_FILE), list(classes))
+    extra = {"epoch": epoch, "run_name": cfg.run_name, "method": cfg.method, "image_size": cfg.image_size, "table_digest": digest}
+    save_model_file(os.path.join(directory, MODEL_FILE), engine.module, classes, extra=extra)
+    state = {
+        "epoch": epoch,
+        "tag": tag,
+        "table_digest": digest,
+        "table_size": len(table),
+        "world_size": world_size,
+        "zero_stage": engine.zero_optimization_stage(),
+        "seed": cfg.seed,
+        "data_order": "shards dealt by (seed, epoch); torch reseeded from (seed, epoch, rank) each epoch",
+    }
+    write_json(os.path.join(directory, STATE_FILE), state)
+
+
+@dataclass
+class Restored:
+    epoch: int  # the last finished epoch; training continues with epoch + 1
+    table: RelabelTable
+    classes: list[str]
+
+
+def read_state(directory: str) -> dict:
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory}: no {STATE_FILE}, the checkpoint is incomplete")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(directory: str, engine: DeepSpeedEngine, world_size: int) -> Restored:
+    """Restore model, optimizer and relabel table from the local checkpoint `directory` into `engine`.
+
+    DeepSpeed's `load_checkpoint` returns (None, None) without raising when the `latest`
+    file is missing and fails an assertion on a missing tag, so the tag is explicit and
+    checked first; the table must match the digest recorded beside the model.
+    """
+    state = read_state(directory)
+    if state["zero_stage"] > 0 and state["world_size"] != world_size:
+        raise CheckpointError(
+            f"{directory} was written by {state['world_size']} ranks with ZeRO stage {state['zero_stage']}, "
+            f"which partitions optimizer state by rank; resume it with num_workers={state['world_size']}"
+        )
+    deepspeed_dir = os.path.join(directory, DEEPSPEED_DIR)
+    missing = CheckpointError(f"{directory}: no DeepSpeed checkpoint with tag {state['tag']!r}")
+    if not os.path.isdir(os.path.join(deepspeed_dir, state["tag"])):
+        raise missing  # DeepSpeed itself fails an assertion on a missing tag
+    path, client_state = engine.load_checkpoint(deepspeed_dir, tag=state["tag"])
+    if path is None:
+        raise missing
+    if client_state.get("epoch") != state["epoch"]:
+        raise CheckpointError(f"{directory}: DeepSpeed state is from epoch {client_state.get('epoch')}, state.json says {state['epoch']}")
+    table = RelabelTable.load(os.path.join(directory, TABLE_FILE))
+    if table.digest() != state["table_digest"]:
+        raise CheckpointError(f"{directory}: the relabel table's digest does not match the one recorded with the model")
+    with open(os.path.join(directory, CLASSES_FILE)) as f:
+        classes = json.load(f)
+    return Restored(epoch=int(state["epoch"]), table=table, classes=classes)
+
+
+def write_text(url: str, text: str) -> None:
+    """Replace a run file: atomically on a local file system; object stores publish whole objects anyway."""
+    fs, path = open_fs(url)
+    if "file" in fs.protocol:
+        write_local_text(path, text)
+        return
+    with fs.open(path, "w") as f:
+        f.write(text)
+
+
+class MetricsFile:
+    """`out_dir/run_name/metrics.jsonl`: one JSON line per epoch, rewritten whole on every append.
+
+    A resumed attempt starts from the lines of the epochs its checkpoint covers, so an
+    epoch replayed after a failure appears once, with the numbers of the attempt that
+    finished it.
+    """
+
+    def __init__(self, run: str, first_epoch: int) -> None:
+        self.url = join(run, METRICS_FILE)
+        self.lines = [line for line in read_metrics(run) if line["epoch"] < first_epoch]
+
+    def append(self, line: dict) -> None:
+        self.lines.append(line)
+        write_text(self.url, "".join(json.dumps(x, sort_keys=True) + "\n" for x in self.lines))
+
+
+def read_metrics(run: str) -> list[dict]:
+    fs, root = open_fs(run)
+    path = join(root, METRICS_FILE)
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "r") as f:
+        return [json.loads(line) for line in f if line.strip()]

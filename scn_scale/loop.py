@@ -1,0 +1,453 @@
+"""The per-worker training function that Ray Train runs on every rank: one DeepSpeed engine around SCN.
+
+Each epoch, on every rank:
+1. reseed torch from (seed, epoch, rank) and read this rank's share of the training shards,
+   planned from (seed, epoch), so a resumed epoch replays the same data and augmentation;
+2. for every batch: labels from the relabel table (looked up here by key, never in loader
+   workers, which hold stale copies), forward, SCN loss (rank regularization over the local
+   or the gathered global batch), DeepSpeed backward and step, then relabel proposals from
+   that step's forward pass;
+3. gather every rank's proposals, merge them into one table, check its digest on every rank;
+4. validate on this rank's share of the validation shards and gather predictions by key;
+5. rank 0 appends the epoch's metrics to the run's metrics file; every rank writes its part
+   of the checkpoint and reports it (the same number of `ray.train.report` calls everywhere).
+
+A relabel proposed in epoch e is merged at the end of epoch e and trained on from e + 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.train
+import ray.train.torch
+import torch
+from tqdm import tqdm
+
+from scn_scale import checkpoint, metrics, sync
+from scn_scale.config import ConfigError, TrainConfig
+from scn_scale.data import shard_loader
+from scn_scale.faults import FaultPlan
+from scn_scale.loss import LossParts, baseline_loss, scn_loss
+from scn_scale.model import SCNOutput, build_model
+from scn_scale.noise import load_ground_truth, load_overrides
+from scn_scale.predictions import Predictions, collect, summarize
+from scn_scale.relabel import Proposal, propose_relabels
+from scn_scale.relabel_table import RelabelTable
+from scn_scale.weights import load_weights
+from shards import ShardSet, open_shard_set, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _duplicated_settings(cfg: TrainConfig) -> dict[str, int]:
+    """DeepSpeed settings that restate trainer settings: filled from the TrainConfig; an explicit
+    different value is an error ("auto" is accepted, as in other DeepSpeed integrations)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * cfg.num_workers,
+    }
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed config the engines get: `cfg.deepspeed` (a JSON file or a dict) checked against the TrainConfig.
+
+    The trainer owns batch size, accumulation, optimizer and schedule, so DeepSpeed's
+    copies are filled in here and contradictions are ConfigErrors, raised before Ray starts.
+    """
+    if isinstance(cfg.deepspeed, dict):
+        ds = json.loads(json.dumps(cfg.deepspeed))  # a deep copy that is also JSON-clean
+    elif cfg.deepspeed:
+        try:
+            with open(cfg.deepspeed) as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"deepspeed: cannot read {cfg.deepspeed!r} as a JSON DeepSpeed config: {e}") from e
+    else:
+        ds = {}
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed: the config must be a JSON object, got {type(ds).__name__}")
+    for key, value in _duplicated_settings(cfg).items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"deepspeed config sets {key}={given!r}, but batch_size={cfg.batch_size}, grad_accum={cfg.grad_accum} "
+                f"and num_workers={cfg.num_workers} give {value}: remove it from the DeepSpeed config or set it to \"auto\""
+            )
+        ds[key] = value
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"deepspeed config has a {section!r} section, but the trainer builds a torch optimizer from "
+                "optimizer/lr/weight_decay and decays lr per epoch (lr_decay): remove the section"
+            )
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError("deepspeed config enables fp16, which this trainer does not support: use bf16 (precision=bf16)")
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if bf16 and cfg.precision != "bf16":
+        raise ConfigError("deepspeed config enables bf16 but precision is fp32: set precision=bf16 or disable bf16 there")
+    if bf16:
+        # Since DeepSpeed 0.19.2 a bf16 engine casts parameters but not buffers, and
+        # BatchNorm then fails with "expected scalar type BFloat16 but found Float".
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (0, 1, 2):
+        raise ConfigError(
+            f"deepspeed: ZeRO stage {zero.get('stage')} is not supported; stages 0-2 keep whole parameters on "
+            "every rank, which the plain model file and validation rely on"
+        )
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        raise ConfigError("deepspeed: ZeRO offload needs DeepSpeed's compiled CPU Adam; the trainer uses a torch optimizer")
+    ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer reports per epoch; DeepSpeed's default logs every 10 steps
+    return ds
+
+
+def val_loader_workers(cfg: TrainConfig, num_val_shards: int) -> int:
+    """Validation sets are small: as many loader workers as the set's shards allow, at most cfg.loader_workers."""
+    return min(cfg.loader_workers, num_val_shards // cfg.num_workers)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """The recipe's exponential decay per epoch (1-based): a function of the epoch, so it needs no saved state."""
+    return cfg.lr * cfg.lr_decay ** (epoch - 1)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Torch seed for one rank's epoch (augmentation, dropout, loader worker seeds); Python's hash() differs per process."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()[:8], "little") % 2**63
+
+
+#: The scalars of a metrics line that go to `ray.train.report` (and so to Ray's result);
+#: the whole line is in metrics.jsonl.
+REPORTED = (
+    "epoch", "loss", "wce", "rr", "train_accuracy", "val_accuracy", "val_mean_class_accuracy", "relabels",
+    "relabels_total", "table_digest", "skipped", "images_per_s",
+)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker receives from `scn_scale.train.train`: settings already checked on the driver."""
+
+    cfg: TrainConfig
+    deepspeed: dict
+    classes: tuple[str, ...]
+    storage: str  # Ray's storage_path: out_dir, absolute when local
+    progress: bool = False  # a tqdm bar on rank 0
+    log_level: int | None = None  # configure a handler for scn_scale's loggers on rank 0 (the CLI does)
+
+    @property
+    def run_dir(self) -> str:
+        return checkpoint.run_dir(self.storage, self.cfg.run_name)
+
+
+@dataclass
+class EpochStats:
+    """One rank's sums over one epoch's training steps; reduced across ranks at the epoch end."""
+
+    samples: int = 0
+    steps: int = 0
+    loss: float = 0.0  # sums over samples
+    wce: float = 0.0
+    rr: float = 0.0
+    correct: int = 0
+    skipped: int = 0  # corrupt samples the reader dropped
+    data_time: float = 0.0  # waiting for batches
+    compute_time: float = 0.0  # forward, backward, step, proposals
+
+
+@dataclass
+class TrainLabels:
+    """The training labels of every sample and their truth, when label_overrides records it (synthetic noise)."""
+
+    given: dict[str, int]
+    truth: dict[str, int]
+    noisy: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.noisy = {k for k, label in self.given.items() if label != self.truth[k]}
+
+
+def read_train_labels(cfg: TrainConfig, overrides: dict[str, int]) -> TrainLabels | None:
+    """None unless the override table has a `true_label` column (scn_scale.noise writes one)."""
+    if not cfg.label_overrides or "true_label" not in pq.read_schema(cfg.label_overrides).names:
+        return None
+    manifest = read_manifest(cfg.train_shards, columns=["key", "label"]).to_pydict()
+    truth = dict(zip(manifest["key"], manifest["label"]))
+    given = {**truth, **overrides}
+    truth.update(load_ground_truth(cfg.label_overrides))
+    return TrainLabels(given=given, truth=truth)
+
+
+def training_loss(out: SCNOutput, labels: torch.Tensor, cfg: TrainConfig) -> tuple[LossParts, torch.Tensor | None, int | None]:
+    """(loss parts, ranked alpha, this rank's offset in it) for one micro-batch.
+
+    SCN ranks alpha over this rank's batch, or with `scn.rank_scope: global` over every
+    rank's (gathered; the relabel rule's "low" scope must group over the same alpha).
+    `method: baseline` is plain cross-entropy on the unscaled logits: alpha is computed
+    but receives no gradient, and there is no rank loss.
+    """
+    if cfg.method == "baseline":
+        loss = baseline_loss(out.logits, labels)
+        return LossParts(loss, loss.detach(), loss.new_zeros(())), None, None
+    ranked, offset = sync.gather_alpha(out.alpha) if cfg.scn.rank_scope == "global" else (None, None)
+    return scn_loss(out, labels, cfg.scn, ranked), ranked, offset
+
+
+def make_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """A plain torch optimizer: DeepSpeed's own Adam variants are compiled just in time and need a compiler."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_engine(spec: WorkerSpec, device: torch.device, init: bool):
+    """The model (seeded, so every rank starts equal), optionally initialized from `cfg.init`, inside a DeepSpeed engine."""
+    # Imported here, not at the top: the driver imports this module only to hand Ray the
+    # function, and DeepSpeed picks its accelerator at import (DS_ACCELERATOR is set for workers).
+    import deepspeed
+
+    cfg = spec.cfg
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(spec.classes))
+    if init:
+        report = load_weights(model, cfg.init, spec.classes, cfg.allow_partial_init)
+        log.info("init weights: %s", report.summary())
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=memory_format)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(cfg, model.parameters()), config=spec.deepspeed)
+    return engine
+
+
+class Worker:
+    """One rank's training state: settings, data, engine and relabel table."""
+
+    def __init__(self, spec: WorkerSpec, device: torch.device) -> None:
+        self.spec, self.cfg, self.device = spec, spec.cfg, device
+        self.rank, self.world = sync.rank_and_world()
+        self.train_set: ShardSet = open_shard_set(self.cfg.train_shards)
+        self.val_set: ShardSet = open_shard_set(self.cfg.val_shards)
+        self.overrides = load_overrides(self.cfg.label_overrides) if self.cfg.label_overrides else {}
+        self.labels = read_train_labels(self.cfg, self.overrides) if self.rank == 0 else None
+        self.fault = FaultPlan.parse(self.cfg.fail_at, self.cfg.num_workers)
+        resume_from = ray.train.get_checkpoint()
+        self.engine = build_engine(spec, device, init=bool(self.cfg.init) and resume_from is None)
+        self.table = RelabelTable()
+        self.first_epoch = 1
+        self.resumed_from: dict | None = None
+        if resume_from is not None:
+            self._restore(resume_from)
+        sync.check_digests(self.table)
+
+    def _restore(self, ckpt: ray.train.Checkpoint) -> None:
+        with ckpt.as_directory() as directory:
+            restored = checkpoint.load(directory, self.engine, self.world)
+        if tuple(restored.classes) != self.spec.classes:
+            raise checkpoint.CheckpointError(f"the checkpoint's classes {restored.classes} differ from the shard set's {list(self.spec.classes)}")
+        self.table, self.first_epoch = restored.table, restored.epoch + 1
+        self.resumed_from = {"epoch": restored.epoch, "table_digest": restored.table.digest()}
+        log.info("resumed after epoch %d with a relabel table of %d entries", restored.epoch, len(restored.table))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for precision=bf16: the whole forward with an fp32 engine, the inputs with a bf16 engine."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loader(self, shard_set: ShardSet, train: bool, epoch: int, workers: int) -> torch.utils.data.DataLoader:
+        return shard_loader(
+            shard_set,
+            train=train,
+            image_size=self.cfg.image_size,
+            batch_size=self.cfg.batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            loader_workers=workers,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            overrides=self.overrides if train else None,
+            balanced=train and self.cfg.balanced_sampler,
+        )
+
+    def _images(self, batch: dict) -> torch.Tensor:
+        memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
+        return batch["image"].to(self.device, non_blocking=True, memory_format=memory_format)
+
+    def _forward_backward(
+        self, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[str], epoch: int
+    ) -> tuple[SCNOutput, LossParts, list[Proposal]]:
+        """One micro-batch: loss, backward, (boundary) step; then the proposals from this forward pass."""
+        with self.autocast():
+            out = self.engine(images)
+        parts, ranked, offset = training_loss(out, labels, self.cfg)
+        self.engine.backward(parts.total)
+        self.engine.step()
+        if self.cfg.method == "baseline":
+            return out, parts, []
+        return out, parts, propose_relabels(keys, labels, out, epoch, self.cfg.scn, ranked, offset)
+
+    def train_epoch(self, epoch: int) -> tuple[EpochStats, list[Proposal], dict[str, float]]:
+        """Train one epoch; returns this rank's sums, relabel proposals and alpha by key (last visit)."""
+        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, epoch)
+        self.engine.train()
+        loader = self._loader(self.train_set, True, epoch, self.cfg.loader_workers)
+        # Whole accumulation cycles only: a partial cycle's gradients would leak into the next
+        # epoch, and be lost on resume.
+        steps = len(loader.dataset) // self.cfg.grad_accum * self.cfg.grad_accum
+        stats, proposals, alpha = EpochStats(), [], {}
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not (self.spec.progress and self.rank == 0), mininterval=2.0)
+        tick = time.perf_counter()
+        for step, batch in enumerate(islice(loader, steps), start=1):
+            loaded = time.perf_counter()
+            stats.data_time += loaded - tick
+            keys = list(batch["key"])
+            labels = self.table.apply(keys, batch["label"]).to(self.device)
+            out, parts, new = self._forward_backward(self._images(batch), labels, keys, epoch)
+            proposals.extend(new)
+            n = len(keys)
+            stats.samples += n
+            stats.steps += 1
+            stats.skipped += int(batch["skipped"])
+            stats.loss += float(parts.total.detach()) * n
+            stats.wce += float(parts.wce.detach()) * n
+            stats.rr += float(parts.rr.detach()) * n
+            stats.correct += int((out.logits.argmax(1) == labels).sum())
+            alpha.update(zip(keys, out.alpha.detach().float().cpu().tolist()))
+            if self.fault is not None:
+                self.fault.check(epoch, step, self.rank, self.spec.run_dir)
+            bar.update()
+            tick = time.perf_counter()
+            stats.compute_time += tick - loaded
+        bar.close()
+        return stats, proposals, alpha
+
+    def validate(self, epoch: int) -> tuple[Predictions | None, int]:
+        """Predictions on the validation set, each sample once, on rank 0 (None elsewhere); and skipped samples, all ranks."""
+        workers = val_loader_workers(self.cfg, len(self.val_set.shards))
+        skipped = [0]
+
+        def counted(loader: Iterable[dict]) -> Iterator[dict]:
+            for batch in loader:
+                skipped[0] += int(batch["skipped"])
+                yield batch
+
+        with self.autocast():
+            pred = collect(self.engine.module, counted(self._loader(self.val_set, False, epoch, workers)), self.device)
+        parts = sync.gather_object(pred)
+        total_skipped = sum(sync.all_gather_object(skipped[0]))
+        return (Predictions.concat(parts).dedupe() if parts is not None else None), total_skipped
+
+    def epoch_line(
+        self, epoch: int, ranks: list[EpochStats], changed: int, digests: list[str], alpha: dict[str, float], val: Predictions, val_skipped: int
+    ) -> dict:
+        """The metrics of one epoch, as reported and written to metrics.jsonl (rank 0)."""
+        samples = sum(s.samples for s in ranks)
+        wall = [s.data_time + s.compute_time for s in ranks]
+        keys = sorted(alpha)
+        noisy = None if self.labels is None else np.array([k in self.labels.noisy for k in keys])
+        table = self.table.to_pydict()
+        val_summary = summarize(val, self.spec.classes)
+        line = {
+            "epoch": epoch,
+            "lr": lr_at(self.cfg, epoch),
+            "loss": sum(s.loss for s in ranks) / samples,
+            "wce": sum(s.wce for s in ranks) / samples,
+            "rr": sum(s.rr for s in ranks) / samples,
+            "train_accuracy": sum(s.correct for s in ranks) / samples,
+            "train_samples": samples,
+            "steps_per_rank": ranks[0].steps,
+            "skipped": sum(s.skipped for s in ranks),
+            "val_skipped": val_skipped,
+            "val_accuracy": val_summary["accuracy"],
+            "val_mean_class_accuracy": val_summary["mean_class_accuracy"],
+            "val": {k: val_summary[k] for k in ("samples", "per_class_accuracy", "confusion_matrix", "alpha")},
+            # alpha of every sample trained this epoch (its last visit), split by the injected
+            # noise when label_overrides records the truth (the literature's "noisy samples").
+            "alpha": metrics.alpha_stats(np.array([alpha[k] for k in keys]), noisy),
+            "relabels": changed,
+            "relabels_total": sum(o != c for o, c in zip(table["original_label"], table["current_label"])),
+            "table_size": len(self.table),
+            "table_digest": digests[0],
+            "table_digests": digests,
+            "images_per_s": samples / max(wall),
+            "images_per_s_per_worker": [s.samples / w for s, w in zip(ranks, wall)],
+            "data_time_s": [s.data_time for s in ranks],
+            "compute_time_s": [s.compute_time for s in ranks],
+        }
+        if self.labels is not None:
+            line["audit"] = self.table.audit(self.labels.truth, self.labels.given, self.spec.classes)
+        if self.resumed_from is not None and epoch == self.first_epoch:
+            line["resumed_from"] = self.resumed_from
+        return line
+
+    def save_and_report(self, epoch: int, line: dict | None) -> None:
+        """Every rank writes its part of the checkpoint and reports it; Ray merges the parts into one directory."""
+        directory = tempfile.mkdtemp(prefix=f"scn-ckpt-e{epoch}-r{self.rank}-")
+        try:
+            checkpoint.save(
+                directory, self.engine, epoch=epoch, table=self.table, cfg=self.cfg, classes=self.spec.classes,
+                rank=self.rank, world_size=self.world,
+            )
+            ray.train.report(
+                {"epoch": epoch} if line is None else {k: line[k] for k in REPORTED},
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=checkpoint.checkpoint_dir_name(epoch),
+            )
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def run(self) -> None:
+        metrics_file = checkpoint.MetricsFile(self.spec.run_dir, self.first_epoch) if self.rank == 0 else None
+        for epoch in range(self.first_epoch, self.cfg.epochs + 1):
+            stats, proposals, alpha = self.train_epoch(epoch)
+            changed, digests = sync.merge_proposals(self.table, proposals)
+            val, val_skipped = self.validate(epoch)
+            ranks = sync.all_gather_object(stats)
+            alphas = sync.gather_object(alpha)
+            line = None
+            if self.rank == 0:
+                merged_alpha = {k: v for part in alphas for k, v in part.items()}
+                line = self.epoch_line(epoch, ranks, changed, digests, merged_alpha, val, val_skipped)
+                metrics_file.append(line)
+                log.info(
+                    "epoch %d: loss %.4f, train acc %.4f, val acc %.4f, relabels %d (total %d), %.1f images/s",
+                    epoch, line["loss"], line["train_accuracy"], line["val_accuracy"], changed,
+                    line["relabels_total"], line["images_per_s"],
+                )
+            self.save_and_report(epoch, line)
+
+
+def _configure_logging(level: int | None, rank: int) -> None:
+    """The CLI's choice, applied in the worker process it cannot reach: rank 0 prints scn_scale's logs."""
+    if level is None or rank != 0:
+        return
+    logger = logging.getLogger("scn_scale")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`: `config["spec"]` is a WorkerSpec."""
+    spec: WorkerSpec = config["spec"]
+    _configure_logging(spec.log_level, ray.train.get_context().get_world_rank())
+    device = ray.train.torch.get_device() if spec.cfg.use_gpu else torch.device("cpu")
+    Worker(spec, device).run()

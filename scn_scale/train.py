@@ -1,0 +1,213 @@
+"""`python -m scn_scale.train --config FILE [--address ADDR] [key=value ...]`: SCN on shard sets, Ray Train + DeepSpeed.
+
+`train(cfg)` checks the whole configuration first (shard sets and their shard counts
+against ranks x loader workers, the DeepSpeed config against the trainer's settings,
+label overrides, init weights), because an error found by a worker costs a cluster
+start and arrives buried in worker logs. Then it attaches to the Ray cluster named by
+`cfg.address` or RAY_ADDRESS (as under `ray job submit`), or starts a local one, and
+runs a TorchTrainer whose workers each drive a DeepSpeed engine (scn_scale.loop).
+
+A run lives in `out_dir/run_name/` (Ray's storage_path/name). Starting the same run again
+resumes it from its last checkpoint, as does Ray after a worker failure (max_failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import pyarrow as pa
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from scn_scale import checkpoint
+from scn_scale.config import ConfigError, TrainConfig, load_config
+from scn_scale.faults import FaultPlan
+from scn_scale.loop import WorkerSpec, deepspeed_config, train_worker, val_loader_workers
+from scn_scale.model import build_model
+from scn_scale.noise import load_overrides
+from scn_scale.weights import load_weights
+from shards import ShardSet, ShardSetError, open_shard_set, plan_epoch
+
+log = logging.getLogger(__name__)
+
+LOCAL_NODE_IP = "127.0.0.2"
+
+
+@dataclass
+class TrainResult:
+    run_dir: str  # out_dir/run_name
+    checkpoint: str | None  # the last epoch's checkpoint directory
+    metrics: list[dict]  # metrics.jsonl, one dict per epoch
+
+    @property
+    def model_file(self) -> str | None:
+        return None if self.checkpoint is None else f"{self.checkpoint}/{checkpoint.MODEL_FILE}"
+
+
+def _open_set(setting: str, url: str) -> ShardSet:
+    if not url:
+        raise ConfigError(f"{setting} is not set: give the shard set directory or URL, e.g. {setting}=/data/shards/train")
+    try:
+        return open_shard_set(url)
+    except ShardSetError as e:
+        raise ConfigError(f"{setting}: {e}") from e
+
+
+def _check_plan(setting: str, shard_set: ShardSet, cfg: TrainConfig, loader_workers: int) -> int:
+    """Batches per rank in an epoch; ConfigError when the set has too few shards for the readers."""
+    try:
+        plan = plan_epoch(shard_set, cfg.num_workers, loader_workers, cfg.batch_size, cfg.seed, 1)
+    except ShardSetError as e:
+        raise ConfigError(f"{setting}: {e}") from e
+    return plan.batches_per_rank
+
+
+def _check_overrides(cfg: TrainConfig, num_classes: int) -> None:
+    try:
+        overrides = load_overrides(cfg.label_overrides)
+    except (OSError, pa.ArrowException) as e:
+        raise ConfigError(f"label_overrides: cannot read {cfg.label_overrides!r} as a label override table: {e}") from e
+    bad = [k for k, label in overrides.items() if not 0 <= label < num_classes]
+    if bad:
+        raise ConfigError(f"label_overrides: {len(bad)} labels outside [0, {num_classes}), e.g. {bad[:3]}")
+
+
+def _check_init(cfg: TrainConfig, classes: Sequence[str]) -> None:
+    """Load the init weights once on the driver, so a wrong file fails here with its load report."""
+    try:
+        load_weights(build_model(cfg.model, len(classes)), cfg.init, classes, cfg.allow_partial_init)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init: {e}") from e
+
+
+def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
+    """Check everything that can be checked without workers; return (resolved DeepSpeed config, class names)."""
+    cfg.validate()
+    if not cfg.run_name or "/" in cfg.run_name:
+        raise ConfigError(f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
+    FaultPlan.parse(cfg.fail_at, cfg.num_workers)
+    train_set = _open_set("train_shards", cfg.train_shards)
+    val_set = _open_set("val_shards", cfg.val_shards)
+    if train_set.classes != val_set.classes:
+        raise ConfigError(f"train_shards has classes {list(train_set.classes)} but val_shards has {list(val_set.classes)}")
+    batches = _check_plan("train_shards", train_set, cfg, cfg.loader_workers)
+    if batches < cfg.grad_accum:
+        raise ConfigError(f"grad_accum={cfg.grad_accum} exceeds the {batches} batches each rank gets per epoch")
+    _check_plan("val_shards", val_set, cfg, val_loader_workers(cfg, len(val_set.shards)))
+    ds = deepspeed_config(cfg)
+    if cfg.label_overrides:
+        _check_overrides(cfg, len(train_set.classes))
+    if cfg.init:
+        _check_init(cfg, train_set.classes)
+    return ds, train_set.classes
+
+
+def storage_path(out_dir: str) -> str:
+    """Ray's storage_path: URLs as given, local directories made absolute (Ray requires it)."""
+    return out_dir if "://" in out_dir else os.path.abspath(out_dir)
+
+
+def _connect(address: str) -> bool:
+    """Attach to `address` or RAY_ADDRESS, or start a local cluster on loopback; False if Ray was already initialized."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+    else:
+        # "local" rather than None: None would attach to any cluster found on this machine.
+        # Ray swaps 127.0.0.1 for the machine's network address; another loopback address it
+        # keeps, so a local cluster never talks over the network.
+        ray.init(address="local", include_dashboard=False, _node_ip_address=LOCAL_NODE_IP)
+    return True
+
+
+def train(cfg: TrainConfig, *, cpus_per_worker: float = 1.0, progress: bool = False, log_level: int | None = None) -> TrainResult:
+    """Train (or resume) the run `cfg.out_dir/cfg.run_name`; return where it lives and its metrics.
+
+    `cpus_per_worker` is the Ray CPU reservation per worker, which is also the number of
+    threads Ray lets torch use in it. `progress` and `log_level` are the CLI's choices of
+    what rank 0 prints.
+    """
+    ds_config, classes = prepare(cfg)
+    storage = storage_path(cfg.out_dir)
+    spec = WorkerSpec(cfg=cfg, deepspeed=ds_config, classes=classes, storage=storage, progress=progress, log_level=log_level)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    # Only RAY_TRAIN_* variables reach workers by themselves; DeepSpeed reads DS_ACCELERATOR at import.
+    worker_env = None if cfg.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+    started = _connect(cfg.address)
+    try:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"spec": spec},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=cfg.run_name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(),
+                worker_runtime_env=worker_env,
+            ),
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    run = checkpoint.run_dir(storage, cfg.run_name)
+    return TrainResult(
+        run_dir=run,
+        checkpoint=None if result.checkpoint is None else result.checkpoint.path,
+        metrics=checkpoint.read_metrics(run),
+    )
+
+
+def summary(result: TrainResult) -> str:
+    """What the CLI prints at the end: last and best epoch (selected on the validation set) and where the files are."""
+    lines = [f"run: {result.run_dir}"]
+    if result.metrics:
+        last = result.metrics[-1]
+        best = max(result.metrics, key=lambda m: m["val_accuracy"])
+        lines += [
+            f"last epoch {last['epoch']}: val accuracy {last['val_accuracy']:.4f}, val mean class accuracy "
+            f"{last['val_mean_class_accuracy']:.4f}, train accuracy {last['train_accuracy']:.4f}, "
+            f"relabeled {last['relabels_total']} samples (table {last['table_digest'][:12]}), {last['images_per_s']:.1f} images/s",
+            f"best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']} (selected on the validation set)",
+        ]
+        if "audit" in last:
+            audit = last["audit"]
+            lines.append(f"relabel audit: precision {audit['precision']}, recall {audit['recall']} ({audit['restored']} of {audit['noisy']} noisy labels restored)")
+    lines += [f"checkpoint: {result.checkpoint}", f"model file: {result.model_file}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scn_scale.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML training config, e.g. cluster/configs/cpu-small.yaml")
+    parser.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings over the file's, e.g. epochs=5 scn.relabel_epoch=3")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.address:
+            cfg = dataclasses.replace(cfg, address=args.address)
+        result = train(cfg, progress=True, log_level=logging.INFO)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # the config file itself
+        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""The distributed trainer: configuration errors before Ray starts, then real runs on CPU.
+
+Runs use an in-process Ray cluster on 127.0.0.1 (2 CPUs, 2 workers), DeepSpeed ZeRO-2 over
+gloo, and real shard sets written here, entering through `scn_scale.train.main`.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from scn_scale import checkpoint
+from scn_scale.config import ConfigError, SCNConfig, TrainConfig, load_config
+from scn_scale.faults import MARKER_NAME
+from scn_scale.loop import deepspeed_config, training_loss
+from scn_scale.loss import scn_loss
+from scn_scale.model import SCNModel
+from scn_scale.noise import make_noise, save_overrides
+from scn_scale.relabel_table import RelabelTable
+from scn_scale.train import main, prepare
+from scn_scale.weights import load_model_file, save_model_file
+from shards import Sample, ShardWriter, key_from_bytes, read_manifest
+from tests.conftest import write_shard_set
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "cluster" / "configs" / "cpu-small.yaml")
+CLASSES = ("neutral", "happiness", "sadness", "surprise")
+
+
+def face_like_jpeg(rng: np.random.Generator, label: int, size: int = 32) -> bytes:
+    """A learnable image (its colour says its class) with a low-frequency pattern of its own, as a face has.
+
+    SCN's alpha can only single out a mislabeled sample if the network can tell that image
+    apart from its class-mates; per-pixel noise alone is averaged away by global pooling.
+    """
+    tint = np.array([(label * 37) % 256, (label * 91) % 256, (label * 53) % 256], dtype=float)
+    pattern = np.kron(rng.normal(0.0, 40.0, (4, 4, 3)), np.ones((size // 4, size // 4, 1)))
+    pixels = 0.75 * tint + 32 + pattern + rng.integers(0, 16, (size, size, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_face_like_set(out: Path, shard_sizes: list[int], seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    keys = []
+    for n in shard_sizes:
+        with ShardWriter(out, CLASSES, max_samples=n) as writer:
+            for _ in range(n):
+                label = int(rng.integers(len(CLASSES)))
+                data = face_like_jpeg(rng, label)
+                sample = Sample(key=key_from_bytes(data), image=data, label=label, meta={"provider": "test"})
+                writer.write(sample)
+                keys.append(sample.key)
+    return keys
+
+
+def corrupt_image(tar_path: Path, key: str) -> None:
+    """Replace one sample's image bytes in place: the shard stays readable, the image does not decode."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            data = b"not a jpeg" if member.name == f"{key}.jpg" else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+@dataclass
+class Data:
+    train: str
+    val: str
+    noise: str
+    corrupt_key: str
+    train_samples: int
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    root = tmp_path_factory.mktemp("data")
+    keys = write_face_like_set(root / "train", [20] * 8, seed=1)
+    write_face_like_set(root / "val", [16] * 2, seed=2)
+    corrupt_image(root / "train" / "shard-000000.tar", keys[3])
+    manifest = read_manifest(str(root / "train"), columns=["key", "label"]).to_pydict()
+    save_overrides(make_noise(manifest["key"], manifest["label"], len(CLASSES), rate=0.3, seed=0), str(root / "noise.parquet"))
+    return Data(str(root / "train"), str(root / "val"), str(root / "noise.parquet"), keys[3], len(keys))
+
+
+def _args(data: Data, out: Path, run_name: str, *extra: str) -> list[str]:
+    """The small CPU config, at test size: 2 ranks x 5 steps of 16 images an epoch."""
+    return [
+        "--config", CONFIG, f"train_shards={data.train}", f"val_shards={data.val}", f"label_overrides={data.noise}",
+        f"out_dir={out}", f"run_name={run_name}", "image_size=32", "batch_size=16", "epochs=4",
+        "scn.relabel_epoch=3", *extra,
+    ]
+
+
+# Configuration errors: each is a clear message from the CLI, before any Ray process starts.
+
+
+@pytest.fixture
+def small_set(tmp_path: Path) -> str:
+    write_shard_set(tmp_path / "set", [4] * 4, classes=CLASSES)
+    return str(tmp_path / "set")
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    assert not ray.is_initialized()
+    return capsys.readouterr().err
+
+
+def test_missing_shard_directory(capsys, small_set: str, tmp_path: Path) -> None:
+    err = _error(capsys, ["--config", CONFIG, f"train_shards={tmp_path / 'nowhere'}", f"val_shards={small_set}"])
+    assert f"train_shards: shard set {tmp_path / 'nowhere'}: no such directory" in err
+
+
+def test_too_few_shards_for_ranks_times_loader_workers(capsys, small_set: str) -> None:
+    err = _error(capsys, ["--config", CONFIG, f"train_shards={small_set}", f"val_shards={small_set}", "loader_workers=3"])
+    assert "train_shards: shard set" in err and "has 4 shards, fewer than the 6 readers (2 ranks x 3 loader workers)" in err
+
+
+def test_unknown_config_key(capsys, small_set: str, tmp_path: Path) -> None:
+    err = _error(capsys, ["--config", CONFIG, "scn.delta3=0.1"])
+    assert "unknown config key 'scn.delta3'; valid keys under 'scn': beta, delta1, delta2" in err
+    (tmp_path / "bad.yaml").write_text("epochs: 2\nlearning_rate: 0.1\n")
+    assert "unknown config key 'learning_rate'" in _error(capsys, ["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "message"),
+    [
+        ({"train_micro_batch_size_per_gpu": 8}, "sets train_micro_batch_size_per_gpu=8, but batch_size=32"),
+        ({"gradient_accumulation_steps": 4}, "sets gradient_accumulation_steps=4"),
+        ({"optimizer": {"type": "AdamW"}}, "has a 'optimizer' section"),
+        ({"bf16": {"enabled": True}}, "enables bf16 but precision is fp32"),
+        ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
+        ("missing.json", "cannot read 'missing.json'"),
+    ],
+)
+def test_deepspeed_config_contradictions(capsys, small_set: str, deepspeed, message: str) -> None:
+    cfg = load_config(TrainConfig, CONFIG, [f"train_shards={small_set}", f"val_shards={small_set}"])
+    cfg.deepspeed = deepspeed
+    with pytest.raises(ConfigError, match="deepspeed"):
+        prepare(cfg)
+    with pytest.raises(ConfigError) as e:
+        deepspeed_config(cfg)
+    assert message in str(e.value)
+
+
+def test_deepspeed_config_is_filled_from_the_trainer() -> None:
+    cfg = load_config(TrainConfig, CONFIG, ["grad_accum=2", "precision=bf16", "deepspeed=" + str(REPO / "cluster/deepspeed/zero2-bf16.json")])
+    ds = deepspeed_config(cfg)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (32, 2, 128)
+    assert ds["data_types"]["buffer_dtype"] == "bf16" and ds["zero_optimization"]["stage"] == 2
+
+
+def test_fail_at_and_init_are_checked(capsys, small_set: str, tmp_path: Path) -> None:
+    base = ["--config", CONFIG, f"train_shards={small_set}", f"val_shards={small_set}"]
+    assert "fail_at needs epoch, step, rank" in _error(capsys, [*base, "fail_at=epoch=1,step=2"])
+    assert "rank must be in [0, 2)" in _error(capsys, [*base, "fail_at=epoch=1,step=2,rank=2"])
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pt")
+    assert "init: " in _error(capsys, [*base, f"init={tmp_path / 'partial.pt'}"])
+    save_model_file(str(tmp_path / "model.pt"), SCNModel(len(CLASSES)), CLASSES)
+    cfg = load_config(TrainConfig, CONFIG, base[2:] + [f"init={tmp_path / 'model.pt'}"])
+    assert prepare(cfg)[1] == CLASSES
+
+
+def test_baseline_is_plain_cross_entropy_and_scn_ranks_alpha() -> None:
+    torch.manual_seed(0)
+    model, images, labels = SCNModel(len(CLASSES)), torch.randn(8, 3, 32, 32), torch.randint(0, len(CLASSES), (8,))
+    cfg = TrainConfig(method="baseline")
+    out = model(images)
+    parts, ranked, _ = training_loss(out, labels, cfg)
+    assert ranked is None and float(parts.rr) == 0.0
+    assert torch.allclose(parts.total, torch.nn.functional.cross_entropy(out.logits, labels))
+    parts.total.backward()
+    assert model.importance.weight.grad is None  # no weighting: the importance branch is not trained
+
+    cfg = TrainConfig(scn=SCNConfig(rank_scope="global", delta1=1.0))
+    out = model(images)
+    parts, ranked, offset = training_loss(out, labels, cfg)  # one process: the global batch is the local one
+    assert offset == 0 and torch.equal(ranked, out.alpha) and float(parts.rr.detach()) > 0.0
+    assert torch.allclose(parts.total, scn_loss(out, labels, cfg.scn).total)
+
+
+# Real runs: one Ray cluster for the module; every run has its own name (a repeated name resumes).
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """4 logical CPUs, so that two 2-worker runs fit side by side; gloo kept on loopback in every worker."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        env.setenv("GLOO_SOCKET_IFNAME", "lo")  # the raylet passes its environment to the workers
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2")
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two runs with the same seed, at the same time: "a" through `main` in this process, 3 epochs and
+    then started again for a 4th; and "failing", whose rank 1 fails in epoch 4, through the CLI in a
+    second process attached with --address."""
+    out = tmp_path_factory.mktemp("runs")
+    log = out / "failing.log"
+    cmd = [sys.executable, "-m", "scn_scale.train", "--address", ray_cluster,
+           *_args(data, out, "failing", "fail_at=epoch=4,step=2,rank=1")]
+    with open(log, "w") as f:
+        failing = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        assert main(_args(data, out, "a", "epochs=3")) == 0
+        assert main(_args(data, out, "a")) == 0  # the same run again, one epoch longer: it resumes
+        assert failing.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        if failing.poll() is None:
+            failing.kill()
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_a(runs: Path) -> list[dict]:
+    return checkpoint.read_metrics(str(runs / "a"))
+
+
+@pytest.fixture(scope="module")
+def run_failing(runs: Path) -> list[dict]:
+    return checkpoint.read_metrics(str(runs / "failing"))
+
+
+def _table(run: Path, epoch: int) -> RelabelTable:
+    return RelabelTable.load(str(run / checkpoint.checkpoint_dir_name(epoch) / checkpoint.TABLE_FILE))
+
+
+@pytest.mark.slow
+def test_every_rank_holds_the_same_table_every_epoch(run_a: list[dict], runs: Path) -> None:
+    assert [m["epoch"] for m in run_a] == [1, 2, 3, 4]
+    for line in run_a:
+        assert line["table_digests"] == [line["table_digest"]] * 2
+        assert _table(runs / "a", line["epoch"]).digest() == line["table_digest"]
+    assert run_a[1]["table_size"] == 0 and run_a[-1]["table_size"] > 0  # relabeling from epoch 3
+    final = runs / "a" / checkpoint.checkpoint_dir_name(4)
+    assert sorted(p.name for p in final.glob("*relabel*.parquet")) == [checkpoint.TABLE_FILE]
+    model, classes, extra = load_model_file(str(final / checkpoint.MODEL_FILE))
+    assert classes == list(CLASSES) and extra["table_digest"] == run_a[-1]["table_digest"]
+    assert model.eval()(torch.zeros(1, 3, 32, 32)).logits.shape == (1, len(CLASSES))
+
+
+@pytest.mark.slow
+def test_corrupt_sample_is_skipped_counted_and_the_run_goes_on(run_a: list[dict]) -> None:
+    # Counted when the reader reaches it: an epoch's shuffle buffer may leave it unread.
+    assert sum(line["skipped"] for line in run_a) >= 1
+    assert [line["epoch"] for line in run_a] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_scn_relabels_noisy_labels_and_gives_them_lower_alpha(run_a: list[dict]) -> None:
+    audit = run_a[-1]["audit"]
+    alpha = run_a[-1]["alpha"]
+    print(f"relabel audit: precision {audit['precision']:.2f}, recall {audit['recall']:.2f} "
+          f"({audit['restored']} of {audit['noisy']} noisy restored, {audit['corrupted']} clean corrupted); "
+          f"alpha noisy {alpha['noisy']['mean']:.3f} vs clean {alpha['clean']['mean']:.3f}")
+    assert audit["noisy"] == round(0.3 * 160) and audit["changed"] > 0
+    assert audit["precision"] >= 0.6
+    assert alpha["noisy"]["mean"] < alpha["clean"]["mean"]
+
+
+@pytest.mark.slow
+def test_a_worker_failure_resumes_from_the_last_checkpoint_and_its_table(run_failing: list[dict], runs: Path) -> None:
+    assert (runs / "failing" / MARKER_NAME).read_text().strip() == "epoch=4,step=2,rank=1"
+    assert [m["epoch"] for m in run_failing] == [1, 2, 3, 4]
+    assert not any("resumed_from" in line for line in run_failing[:3])
+    # The restarted attempt began at epoch 4 with epoch 3's checkpoint: its model and its table.
+    table = _table(runs / "failing", 3)
+    assert len(table) > 0 and run_failing[3]["resumed_from"] == {"epoch": 3, "table_digest": table.digest()}
+    assert all(line["table_digests"] == [line["table_digest"]] * 2 for line in run_failing)
+
+
+@pytest.mark.slow
+def test_starting_the_same_run_again_resumes_it(run_a: list[dict], runs: Path) -> None:
+    assert not any("resumed_from" in line for line in run_a[:3])
+    assert run_a[3]["resumed_from"] == {"epoch": 3, "table_digest": _table(runs / "a", 3).digest()}
+
+
+@pytest.mark.slow
+def test_two_runs_with_the_same_seed_make_the_same_table(run_a: list[dict], run_failing: list[dict]) -> None:
+    """Epochs 1-3 ran uninterrupted in both runs; epoch 4 resumed from epoch 3's checkpoint in both,
+    after a clean stop in one and a worker failure in the other: model, optimizer, data order and
+    table came back exactly."""
+    assert run_a[2]["table_size"] > 0
+    assert [m["table_digest"] for m in run_failing] == [m["table_digest"] for m in run_a]
