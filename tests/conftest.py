@@ -57,21 +57,34 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture(scope="session")
-def one_rank():
-    """A one-process group, set up the way DeepSpeed expects outside Ray (distributed_notes.md).
-
-    One per session: DeepSpeed keeps the first process group it sees, so a group torn
-    down and made again by a later module would leave it holding a dead one.
-    """
+def _one_rank_group():
+    """One single-process gloo group for the whole session: DeepSpeed keeps the first group
+    it sees, so a group torn down and made again by a later module would leave it holding a
+    dead one."""
     import torch.distributed as dist
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu").items():
-            env.setenv(name, value)
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield env
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_rank(_one_rank_group):
+    """A one-process group, set up the way DeepSpeed expects outside Ray (distributed_notes.md).
+
+    The rank variables are set for the using module only: left in the environment they would
+    reach the tests that start real multi-process groups and Ray clusters.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in _one_rank_group.items():
+            patch.setenv(name, value)
         yield
-        if dist.is_initialized():
-            dist.destroy_process_group()

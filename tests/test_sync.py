@@ -104,7 +104,7 @@ def test_a_drifting_rank_stops_every_rank(two_ranks: list[dict]) -> None:
         assert "ranks [1]" in result["mismatch"]
 
 
-def test_without_a_process_group_everything_is_local() -> None:
+def _local_checks(_: int) -> None:
     assert not dist.is_initialized()
     alpha = torch.rand(4, requires_grad=True)
     ranked, offset = sync.gather_alpha(alpha)
@@ -112,3 +112,8 @@ def test_without_a_process_group_everything_is_local() -> None:
     table = RelabelTable()
     changed, digests = sync.merge_proposals(table, _proposals(0))
     assert changed == 2 and digests == [table.digest()]
+
+
+def test_without_a_process_group_everything_is_local() -> None:
+    # A fresh process: the test session itself may hold a one-rank group (conftest.one_rank).
+    mp.spawn(_local_checks, nprocs=1)
