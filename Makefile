@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
+
+# The whole product on one machine: synthetic corpus -> embedded web -> crawl -> Ray Train +
+# DeepSpeed (SCN and a baseline) -> evaluation -> RAF-DB-layout fine-tuning -> report.
+demo: $(STAMP)
+	$(BIN)/python -m scn_scale.demo --out demo-out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,866 @@
+"""`python -m scn_scale.demo --out DIR [--scale default|tiny]`: the whole product on one machine, offline, on CPU.
+
+From search queries to a trained and evaluated SCN, with nothing from the internet:
+1. synthetic faces: a pool for the embedded web, a clean test set of other people, and a
+   RAF-DB-layout tree (7 classes) standing in for a public benchmark;
+2. the embedded web (`crawler.localweb`) serves the pool on 127.0.0.1 with web-like noise:
+   a share of each query's results from other classes, broken links, duplicates;
+3. `crawler.build` crawls it with the default query taxonomy into a shard set; the embedded
+   web's ground truth, joined to the crawl's manifest by URL, says which crawl labels are
+   wrong, written as a label-override table so training can audit itself;
+4. a local Ray cluster on 127.0.0.1; `scn_scale.train` trains SCN and the plain
+   cross-entropy baseline on the crawl with the same budget (2 workers, DeepSpeed on CPU);
+5. `scn_scale.evaluate` scores both on the clean test set;
+6. the RAF-DB-layout tree is imported (`scn_scale.importers rafdb`) and fine-tuned from the
+   crawl-pretrained SCN and from scratch, same budget; both evaluated;
+7. the report (`scn_scale.demo_report`): what SCN did, measured against the ground truth.
+
+Every stage runs the project's own command line in a child process, as a user would (and
+the crawler is never imported here: crawler and scn_scale meet only in the shard format).
+Children run in their own sessions and are stopped by group when the demo ends, fails or
+is interrupted (SIGINT, SIGTERM); the demo then checks that none of their processes is left.
+Everything is written under --out, which a new run empties first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from scn_scale import checkpoint
+from shards import open_shard_set, read_manifest
+from shards.atomic import write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "cluster" / "configs" / "demo.yaml"
+#: Marks a directory as a demo's output, so a re-run may empty it (and never anything else).
+MARKER = ".scn-demo"
+STAGES = 7
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    """The demo's sizes. The scales differ only here: the method (loss, relabel rule, optimizer,
+    schedule) comes from cluster/configs/demo.yaml and is the same at every scale."""
+
+    name: str
+    pool_per_class: int  # faces per class behind the embedded web (8 classes)
+    test_per_class: int  # clean test faces per class, other people than the pool's
+    rafdb_per_class: int  # RAF-DB-layout faces per class (7 classes, 20% of them test, split by person)
+    epochs: int  # crawl training, SCN and baseline alike
+    relabel_epoch: int  # first epoch SCN relabels in (1-based)
+    finetune_epochs: int  # RAF-DB-layout fine-tuning, pretrained and scratch alike
+    finetune_relabel_epoch: int
+    image_size: int  # training input (the crawl's crops are 112 px, RAF-DB's 100 px)
+    batch_size: int  # per rank
+    # Samples per shard. The crawler and the importers write samples class by class and the
+    # reader shuffles shard order plus a buffer of 4 batches, so only small shards give batches
+    # that mix the classes (shards of 100 left batches of one or two classes and halved the
+    # accuracy after 8 epochs in a measurement); every set also needs >= ranks x loader workers shards.
+    shard_samples: int
+    noise: float = 0.3  # share of each query's results from other classes
+    broken: float = 0.05  # broken links (404)
+    duplicates: float = 0.05  # images served a second time under another id
+    workers: int = 2  # Ray Train workers, and the CPUs of the Ray cluster
+
+    def validate(self) -> DemoScale:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and f.name != "name" and value < 1:
+                raise ValueError(f"demo scale {self.name}: {f.name} must be >= 1, got {value}")
+        if self.rafdb_per_class < 5:
+            raise ValueError(f"demo scale {self.name}: rafdb_per_class must be >= 5 so every class has a test face")
+        return self
+
+
+SCALES: dict[str, DemoScale] = {
+    # Under 15 minutes on 2 cores (measured; see the README). relabel_epoch leaves SCN a few
+    # epochs to fit the clean majority first and a few to relabel.
+    "default": DemoScale(
+        name="default", pool_per_class=140, test_per_class=40, rafdb_per_class=70, epochs=8, relabel_epoch=5,
+        finetune_epochs=4, finetune_relabel_epoch=3, image_size=64, batch_size=32, shard_samples=16,
+    ),
+    # The slow test's size: every stage and every file in minutes; its numbers mean little.
+    "tiny": DemoScale(
+        name="tiny", pool_per_class=12, test_per_class=4, rafdb_per_class=10, epochs=2, relabel_epoch=2,
+        finetune_epochs=1, finetune_relabel_epoch=1, image_size=32, batch_size=8, shard_samples=8,
+    ),
+}
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the demo: unwind, stopping every child on the way out."""
+
+
+class StageError(RuntimeError):
+    """A child failed, or a stage's output is not what the next stage needs."""
+
+
+# -- child processes -----------------------------------------------------------------------------------
+
+
+class Child:
+    """One child process in its own session, its output copied to a log file and, if `echo`, to the console."""
+
+    def __init__(self, name: str, cmd: Sequence[str], proc: subprocess.Popen, log_path: Path, echo: bool,
+                 ready: str | None, graceful: bool) -> None:
+        self.name, self.cmd, self.proc, self.log_path, self.echo = name, list(cmd), proc, log_path, echo
+        self.ready = ready  # a text whose first line marks the child as ready (servers)
+        self.ready_line: str | None = None
+        self.graceful = graceful  # stop by SIGTERM to the leader alone, which stops its own children
+        self.tail: collections.deque[str] = collections.deque(maxlen=30)
+        self.reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float) -> str:
+        """The line containing `ready`, once the child printed it; StageError if it exits or takes too long."""
+        deadline = time.monotonic() + timeout
+        while self.ready_line is None:
+            if self.proc.poll() is not None:
+                raise StageError(f"{self.name} exited (status {self.proc.returncode}) before it was ready; "
+                                 f"see {self.log_path}:\n{self.last_lines()}")
+            if time.monotonic() > deadline:
+                raise StageError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.1)
+        return self.ready_line
+
+    def last_lines(self) -> str:
+        return "\n".join(f"  | {line}" for line in self.tail)
+
+
+class Supervisor:
+    """Every process the demo starts. Each child gets its own session (so its whole process tree
+    can be signalled as one group and found again by session id); `stop_all` ends them all."""
+
+    def __init__(self, log_dir: Path, env: Mapping[str, str], console: Any = None) -> None:
+        self.log_dir = log_dir
+        self.env = dict(env)
+        self.console = console if console is not None else sys.stdout
+        self.children: list[Child] = []
+        self._console_lock = threading.Lock()
+
+    def spawn(self, name: str, cmd: Sequence[str], *, echo: bool = True, env: Mapping[str, str] | None = None,
+              ready: str | None = None, graceful: bool = False) -> Child:
+        log_path = self.log_dir / f"{name.replace(' ', '-')}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting %s: %s", name, " ".join(cmd))
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**self.env, **(env or {})}, start_new_session=True)
+        child = Child(name, cmd, proc, log_path, echo, ready, graceful)
+        self.children.append(child)
+        child.reader = threading.Thread(target=self._pump, args=(child,), name=f"pump-{name}", daemon=True)
+        child.reader.start()
+        return child
+
+    def _pump(self, child: Child) -> None:
+        """Copy the child's output as it comes (tqdm's carriage returns included) to its log and the console."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        partial = ""
+        fd = child.proc.stdout.fileno()
+        with open(child.log_path, "ab") as log_file:
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                log_file.write(data)
+                log_file.flush()
+                text = decoder.decode(data)
+                if child.echo:
+                    with self._console_lock:
+                        self.console.write(text)
+                        self.console.flush()
+                partial += text
+                *lines, partial = partial.split("\n")
+                for line in lines:
+                    line = line.rsplit("\r", 1)[-1].rstrip()
+                    child.tail.append(line)
+                    if child.ready and child.ready_line is None and child.ready in line:
+                        child.ready_line = line
+        child.proc.stdout.close()
+
+    def finish(self, child: Child) -> None:
+        """Wait for a child to end; StageError, with its last lines, unless it ended well."""
+        status = child.proc.wait()
+        if child.reader is not None:
+            child.reader.join()
+        if status != 0:
+            raise StageError(f"{child.name} failed (exit status {status}); its log is {child.log_path}:\n"
+                             f"{child.last_lines()}")
+
+    def run(self, name: str, cmd: Sequence[str], **kwargs: Any) -> Child:
+        child = self.spawn(name, cmd, **kwargs)
+        self.finish(child)
+        return child
+
+    def run_all(self, jobs: Sequence[tuple[str, Sequence[str]]], env: Mapping[str, str] | None = None) -> list[Child]:
+        """Run jobs side by side (the 2 cores are otherwise half idle in single-process stages).
+        Only the first one's output is shown live; the others' are in their logs."""
+        children = [self.spawn(name, cmd, echo=i == 0, env=env) for i, (name, cmd) in enumerate(jobs)]
+        for child in children:
+            self.finish(child)
+        for child in children[1:]:
+            print(f"[{child.name}] {child.tail[-1] if child.tail else ''}", file=self.console, flush=True)
+        return children
+
+    def stop(self, child: Child, grace: float = 10.0) -> None:
+        """End a child and everything in its session: SIGTERM first (to the leader alone if it is
+        `graceful`, as `ray start --block` drains its node on SIGTERM), SIGKILL after `grace` seconds."""
+        if child.proc.poll() is None:
+            try:
+                if child.graceful:
+                    child.proc.send_signal(signal.SIGTERM)
+                else:
+                    os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                child.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s of SIGTERM: killing it", child.name, grace)
+        deadline = time.monotonic() + grace
+        while True:
+            members = session_members(child.pid)
+            if not members:
+                break
+            if time.monotonic() > deadline:
+                for pid in members:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.2)
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+            time.sleep(0.2)
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.proc.wait()
+        if child.reader is not None:
+            child.reader.join(timeout=5)
+
+    def stop_all(self) -> None:
+        """Stop every child still running (last started first) and any process left in their sessions."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None or session_members(child.pid):
+                log.info("stopping %s (pid %d)", child.name, child.pid)
+                self.stop(child, grace=45.0 if child.graceful else 10.0)
+
+    def leftovers(self) -> dict[str, list[int]]:
+        """Processes still running in the sessions of the children: {child name: pids}, empty when all ended."""
+        left = {}
+        for child in self.children:
+            pids = session_members(child.pid)
+            if child.proc.poll() is None:
+                pids = sorted(set(pids) | {child.pid})
+            if pids:
+                left[child.name] = pids
+        return left
+
+    def record(self) -> list[dict]:
+        return [{"name": c.name, "pid": c.pid, "session": c.pid, "cmd": c.cmd, "status": c.proc.poll(),
+                 "log": str(c.log_path)} for c in self.children]
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session `sid`, read from /proc; [] where /proc is missing."""
+    proc = Path("/proc")
+    members = []
+    if not proc.is_dir():
+        return members
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name (which may hold spaces and parentheses): state ppid pgrp session ...
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return sorted(members)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# -- the ground truth of the crawl -----------------------------------------------------------------------
+
+
+NOISE_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("true_label", pa.int64())])
+
+
+def crawl_noise(manifest: Mapping[str, Sequence[Any]], ground_truth: Mapping[str, Any],
+                classes: Sequence[str]) -> tuple[pa.Table, dict]:
+    """Join the crawl's manifest (key, url, label) to the embedded web's ground truth by URL.
+
+    Returns the label-override table of the samples whose crawl label is wrong, in
+    scn_scale.noise's format (key, label = the crawl label, true_label), so training keeps
+    the crawl's labels and knows which are noisy; and the measured noise, overall and per
+    crawl label. Every crawled URL must be one the embedded web served.
+    """
+    truth_by_url = {entry["url"]: entry["class"] for entry in ground_truth["images"].values()}
+    classes = list(classes)
+    rows: dict[str, list] = {"key": [], "label": [], "true_label": []}
+    per_class = {c: {"samples": 0, "noisy": 0} for c in classes}
+    unknown = []
+    for key, url, label in zip(manifest["key"], manifest["url"], manifest["label"]):
+        true_class = truth_by_url.get(url)
+        if true_class is None:
+            unknown.append(url)
+            continue
+        if true_class not in classes:
+            raise StageError(f"sample {key}: true class {true_class!r} is not in the crawl's classes {classes}")
+        true_label = classes.index(true_class)
+        per_class[classes[label]]["samples"] += 1
+        if true_label != label:
+            per_class[classes[label]]["noisy"] += 1
+            rows["key"].append(key)
+            rows["label"].append(int(label))
+            rows["true_label"].append(true_label)
+    if unknown:
+        raise StageError(f"{len(unknown)} crawled URLs are unknown to the embedded web, e.g. {unknown[:3]}")
+    samples = sum(v["samples"] for v in per_class.values())
+    noisy = len(rows["key"])
+    for v in per_class.values():
+        v["noise"] = v["noisy"] / v["samples"] if v["samples"] else None
+    stats = {"samples": samples, "noisy": noisy, "noise": noisy / samples if samples else 0.0, "per_class": per_class}
+    return pa.Table.from_pydict(rows, schema=NOISE_SCHEMA), stats
+
+
+# -- the demo ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage writes, all under --out."""
+
+    out: Path
+
+    @property
+    def corpus(self) -> Path:
+        return self.out / "corpus"
+
+    @property
+    def pool(self) -> Path:
+        return self.corpus / "pool"
+
+    @property
+    def test_faces(self) -> Path:
+        return self.corpus / "test"
+
+    @property
+    def rafdb_tree(self) -> Path:
+        return self.corpus / "rafdb"
+
+    @property
+    def crawl(self) -> Path:
+        return self.out / "crawl"
+
+    @property
+    def ground_truth(self) -> Path:
+        return self.out / "web" / "ground_truth.json"
+
+    @property
+    def noise_table(self) -> Path:
+        return self.out / "labels" / "crawl_noise.parquet"
+
+    @property
+    def test_shards(self) -> Path:
+        return self.out / "shards" / "test"
+
+    @property
+    def rafdb_shards(self) -> Path:
+        return self.out / "shards" / "rafdb"
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def evals(self) -> Path:
+        return self.out / "eval"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
+
+
+RUNS = {
+    "scn": "SCN on the crawl",
+    "baseline": "baseline (plain cross-entropy) on the crawl",
+    "finetune-crawl": "RAF-DB layout, fine-tuned from the crawl-pretrained SCN",
+    "finetune-scratch": "RAF-DB layout, from scratch (never saw the crawl)",
+}
+
+
+class Demo:
+    """The seven stages, in order; `run()` returns the results the report is written from."""
+
+    def __init__(self, out: Path, scale: DemoScale, supervisor: Supervisor, config: Path = DEFAULT_CONFIG) -> None:
+        self.paths = Paths(out)
+        self.scale = scale.validate()
+        self.sup = supervisor
+        self.config = config
+        self.python = sys.executable
+        self.start = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.stage_no = 0
+        self.web_url = ""
+        self.ray_address = ""
+        self.ray_temp: Path | None = None  # Ray's session files (outside --out: Ray's socket paths must stay short)
+        self.results: dict[str, Any] = {"scale": dataclasses.asdict(scale), "config": str(config)}
+
+    @contextlib.contextmanager
+    def stage(self, title: str) -> Iterator[None]:
+        self.stage_no += 1
+        started = time.monotonic()
+        print(f"\n=== [{self.stage_no}/{STAGES}] {title}   (elapsed {_clock(started - self.start)}) ===", flush=True)
+        yield
+        self.timings[title] = round(time.monotonic() - started, 1)
+        print(f"--- {title}: done in {_clock(self.timings[title])}", flush=True)
+
+    def _py(self, module: str, *args: Any) -> list[str]:
+        return [self.python, "-m", module, *map(str, args)]
+
+    # 1
+    def make_corpus(self) -> None:
+        s, p = self.scale, self.paths
+        # Three seeds, three sets of people. Intensities skewed to strong with a tail to barely-there
+        # (beta 2, 1.5), as in real FER data, where most faces show their expression clearly.
+        faces = ("--intensity", "beta")
+        self.sup.run_all([
+            ("synthetic-pool", self._py("crawler.synthetic", "--out", p.pool, "--per-class", s.pool_per_class,
+                                        "--seed", 1, *faces)),
+            ("synthetic-test", self._py("crawler.synthetic", "--out", p.test_faces, "--per-class", s.test_per_class,
+                                        "--seed", 2, *faces)),
+            ("synthetic-rafdb", self._py("crawler.synthetic", "--out", p.rafdb_tree, "--per-class", s.rafdb_per_class,
+                                         "--seed", 3, "--layout", "rafdb", *faces)),
+        ])
+
+    # 2
+    def serve_web(self) -> Child:
+        s = self.scale
+        web = self.sup.spawn("localweb", self._py(
+            "crawler.localweb", "--corpus", self.paths.pool, "--port", 0, "--noise", s.noise, "--broken", s.broken,
+            "--duplicates", s.duplicates, "--seed", 0), ready="READY ")
+        url = web.wait_ready(timeout=120).split("READY ", 1)[1].strip()
+        print(f"embedded web at {url} (127.0.0.1 only)", flush=True)
+        self.web_url = url
+        return web
+
+    # 3
+    def crawl(self, web: Child) -> None:
+        p, s = self.paths, self.scale
+        self.sup.run("crawl", self._py(
+            "crawler.build", "--provider", "localweb", "--api-base", self.web_url, "--out", p.crawl,
+            "--faces", "none", "--allow-host", "127.0.0.1", "--workers", 2,
+            "--max-shard-samples", s.shard_samples,
+            # The embedded web lists every image under its own class too, so an image served for
+            # another class's query is always a conflict; the default policy (skip) would drop every
+            # noisy result. Keeping conflicts, labelled by the first class in canonical order, lets
+            # the web's label noise reach the shards, as it does on the real web.
+            "--conflicts", "first",
+            # Our own server on loopback: no politeness limit (the default is 10 requests/s per host).
+            "--set", "fetch.per_host_rate=0",
+            # The web's duplicates are byte copies (the exact stage drops them). Synthetic faces share
+            # one layout, so at the default pHash distance (8) a quarter of distinct faces would be
+            # dropped as near duplicates; at 2, fewer than 1 in 200 (measured on this generator).
+            "--set", "dedupe.max_distance=2"))
+        with urllib.request.urlopen(f"{self.web_url}/ground_truth.json", timeout=60) as resp:
+            truth = json.load(resp)
+        write_json(p.ground_truth, truth)
+        self.sup.stop(web)
+        print("embedded web stopped", flush=True)
+
+        summary = json.loads((p.crawl / "crawl_summary.json").read_text())
+        shard_set = open_shard_set(str(p.crawl))
+        manifest = read_manifest(str(p.crawl), columns=["key", "url", "label"]).to_pydict()
+        table, noise = crawl_noise(manifest, truth, shard_set.classes)
+        write_parquet(p.noise_table, table)
+        reported = summary.get("label_noise")
+        if reported is not None and reported["noisy"] != noise["noisy"]:
+            raise StageError(f"the crawl reported {reported['noisy']} noisy labels, the join to the ground truth "
+                             f"finds {noise['noisy']}")
+        self.results["crawl"] = {k: summary[k] for k in ("candidates", "fetched", "failed", "duplicates", "written",
+                                                          "written_per_class", "skipped") if k in summary}
+        self.results["crawl"]["classes"] = list(shard_set.classes)
+        self.results["noise"] = noise
+        print(f"crawl label noise, measured against the embedded web's ground truth: {noise['noise']:.1%} "
+              f"({noise['noisy']} of {noise['samples']} samples) -> {p.noise_table}", flush=True)
+
+        # The clean test set: other people, the crawl's class list (validation needs the same one).
+        self.sup.run("import-test", self._py(
+            "scn_scale.importers", "imagefolder", "--root", p.test_faces, "--out", p.test_shards, "--split", "test",
+            "--classes", ",".join(shard_set.classes), "--dataset", "cleantest", "--shard-size",
+            self._shard_size(self.scale.test_per_class * len(shard_set.classes))))
+
+    def _shard_size(self, samples: int) -> int:
+        """Shards small enough that every set has at least 2 per rank (ranks x 1 loader worker, plus slack)."""
+        return max(1, min(self.scale.shard_samples, samples // (2 * self.scale.workers)))
+
+    # 4
+    def start_cluster(self) -> Child:
+        ports = free_ports(9)
+        address = f"127.0.0.1:{ports[0]}"
+        self.ray_temp = Path(tempfile.mkdtemp(prefix="scn-demo-ray-"))
+        head = self.sup.spawn("ray-head", [
+            str(Path(self.python).with_name("ray")), "start", "--head", "--block", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--port={ports[0]}",
+            f"--dashboard-port={ports[1]}", f"--ray-client-server-port={ports[2]}",
+            f"--dashboard-agent-listen-port={ports[3]}", f"--dashboard-agent-grpc-port={ports[4]}",
+            f"--runtime-env-agent-port={ports[5]}", f"--metrics-export-port={ports[6]}",
+            f"--node-manager-port={ports[7]}", f"--object-manager-port={ports[8]}",
+            f"--num-cpus={self.scale.workers}", "--num-gpus=0", f"--object-store-memory={300 * 1024**2}",
+            f"--temp-dir={self.ray_temp}",
+        ], echo=False, ready="Ray runtime started", graceful=True, env={
+            # On Linux Ray replaces --node-ip-address=127.0.0.1 by the machine's network address
+            # (services.resolve_ip_for_localhost) unless multi-node clusters are off, as they are by
+            # default on macOS and Windows. The demo's cluster is one node: keep it on loopback.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            # Processes of the cluster that look it up (Ray Train's placement-group cleaner does)
+            # must find this one, not another cluster on the machine.
+            "RAY_ADDRESS": address,
+            # Nothing to drain on a throwaway cluster: SIGTERM stops it at once (else up to 30 s).
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        })
+        head.wait_ready(timeout=180)
+        self.ray_address = address
+        print(f"Ray head at {self.ray_address} ({self.scale.workers} CPUs, loopback only; pid {head.pid})", flush=True)
+        return head
+
+    def train(self, name: str, *overrides: str) -> Path:
+        s = self.scale
+        ds = yaml.safe_load(self.config.read_text()).get("deepspeed", "")
+        args = [f"out_dir={self.paths.runs}", f"run_name={name}", f"num_workers={s.workers}",
+                f"image_size={s.image_size}", f"batch_size={s.batch_size}", *overrides]
+        if isinstance(ds, str) and ds and not Path(ds).is_absolute():
+            args.append(f"deepspeed={ROOT / ds}")
+        self.sup.run(f"train-{name}", self._py("scn_scale.train", "--config", self.config, *args),
+                     env={"RAY_ADDRESS": self.ray_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        run = self.paths.runs / name
+        freed = prune_checkpoints(run)
+        print(f"kept the last checkpoint of {name} whole; earlier epochs keep their relabel table, config and "
+              f"state ({freed / 1024**2:.0f} MiB of weights and optimizer state removed)", flush=True)
+        return run
+
+    def train_crawl(self) -> None:
+        s, p = self.scale, self.paths
+        common = [f"train_shards={p.crawl}", f"val_shards={p.test_shards}", f"label_overrides={p.noise_table}",
+                  f"epochs={s.epochs}", f"scn.relabel_epoch={s.relabel_epoch}"]
+        self.train("scn", "method=scn", *common)
+        self.train("baseline", "method=baseline", *common)
+
+    # 5 and 6
+    def evaluate(self, runs: Sequence[str], shards: Path) -> None:
+        self.sup.run_all([
+            (f"evaluate-{name}", self._py("scn_scale.evaluate", "--checkpoint", self.paths.runs / name, "--shards", shards,
+                                          "--out", self.paths.evals / name, "--loader-workers", 1))
+            for name in runs
+        ])
+        for name in runs:
+            report = json.loads((self.paths.evals / name / "report.json").read_text())
+            print(f"{RUNS[name]}: accuracy {report['accuracy']:.2%}, mean class accuracy "
+                  f"{report['mean_class_accuracy']:.2%} on {report['samples']} test faces", flush=True)
+
+    def finetune(self) -> None:
+        s, p = self.scale, self.paths
+        rafdb_test = round(s.rafdb_per_class * 0.2) * 7
+        self.sup.run("import-rafdb", self._py(
+            "scn_scale.importers", "rafdb", "--root", p.rafdb_tree, "--out", p.rafdb_shards,
+            "--shard-size", self._shard_size(rafdb_test)))
+        common = [f"train_shards={p.rafdb_shards / 'train'}", f"val_shards={p.rafdb_shards / 'test'}",
+                  f"epochs={s.finetune_epochs}", f"scn.relabel_epoch={s.finetune_relabel_epoch}", "method=scn"]
+        self.train("finetune-crawl", f"init={final_model(p.runs / 'scn')}", *common)
+        self.train("finetune-scratch", *common)
+
+    def run(self) -> dict[str, Any]:
+        with self.stage("synthetic faces: the web's pool, a clean test set, a RAF-DB-layout tree"):
+            self.make_corpus()
+        with self.stage("the embedded web on 127.0.0.1, with web-like noise"):
+            web = self.serve_web()
+        with self.stage("crawl it: crawler.build, default query taxonomy, faces none"):
+            self.crawl(web)
+        with self.stage("train on the crawl: local Ray cluster, SCN and baseline, 2 workers x DeepSpeed on CPU"):
+            head = self.start_cluster()
+            self.train_crawl()
+        with self.stage("evaluate SCN and baseline on the clean test set"):
+            self.evaluate(["scn", "baseline"], self.paths.test_shards)
+        with self.stage("fine-tune on a RAF-DB-layout benchmark: crawl-pretrained vs from scratch"):
+            self.finetune()
+            self.sup.stop(head, grace=45.0)
+            print("Ray cluster stopped", flush=True)
+            self.evaluate(["finetune-crawl", "finetune-scratch"], self.paths.rafdb_shards / "test")
+        with self.stage("the report"):
+            report = self.write_report()
+        self.results["report"] = str(report)
+        self.results["timings"] = dict(self.timings)
+        self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        return self.results
+
+    # 7
+    def write_report(self) -> Path:
+        from scn_scale import demo_report
+
+        p = self.paths
+        runs = {}
+        for name in RUNS:
+            run = p.runs / name
+            runs[name] = {
+                "title": RUNS[name],
+                "dir": str(run),
+                "metrics": checkpoint.read_metrics(str(run)),
+                "eval": json.loads((p.evals / name / "report.json").read_text()),
+                "eval_dir": str(p.evals / name),
+                "model": str(final_model(run)),
+            }
+        self.results["runs"] = runs
+        scored = score_alpha(final_model(p.runs / "scn"), p.crawl, p.noise_table, self.scale.image_size)
+        self.results["alpha"] = scored.stats
+        self.results["audit"] = relabel_audit(final_model(p.runs / "scn").parent, p.crawl, p.noise_table)
+        self.results["timings"] = dict(self.timings)
+        self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        self.results["report"] = str(p.report / demo_report.REPORT_MD)  # recorded in results.json too
+        return demo_report.write_report(self.results, scored.alpha, scored.noisy, p.report)
+
+
+def final_model(run: Path) -> Path:
+    """The plain model file of a run's last epoch (the epoch count is the run's metrics file's last line)."""
+    metrics = checkpoint.read_metrics(str(run))
+    if not metrics:
+        raise StageError(f"{run}: no {checkpoint.METRICS_FILE}; did the training run finish?")
+    path = run / checkpoint.checkpoint_dir_name(metrics[-1]["epoch"]) / checkpoint.MODEL_FILE
+    if not path.is_file():
+        raise StageError(f"{path} is missing: the last epoch's checkpoint has no plain model file")
+    return path
+
+
+def prune_checkpoints(run: Path) -> int:
+    """Remove the weights and DeepSpeed state of every epoch but the last; returns the bytes freed.
+
+    The trainer keeps every epoch's checkpoint whole (about 200 MiB for ResNet-18 with ZeRO-2
+    state), which for the demo's 30 epochs would be gigabytes that nothing reads: the report
+    needs the metrics file and the last checkpoint, and a resume needs only the last.
+    """
+    last = final_model(run).parent
+    freed = 0
+    for ckpt in sorted(run.glob("checkpoint_epoch_*")):
+        if ckpt == last:
+            continue
+        for part in (ckpt / checkpoint.DEEPSPEED_DIR, ckpt / checkpoint.MODEL_FILE):
+            if part.is_dir():
+                freed += sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
+                shutil.rmtree(part)
+            elif part.is_file():
+                freed += part.stat().st_size
+                part.unlink()
+    return freed
+
+
+@dataclass
+class AlphaScores:
+    keys: list[str]
+    alpha: np.ndarray
+    noisy: np.ndarray  # bool, per key: the crawl label is wrong
+    stats: dict
+
+
+def score_alpha(model_file: Path, shards: Path, noise_table: Path, image_size: int) -> AlphaScores:
+    """alpha of every crawled sample under the trained model (eval mode, no augmentation), noisy vs clean.
+
+    The trainer logs alpha during training (with augmentation, the model still changing);
+    scoring the finished model on the whole set once is the measurement the report's
+    histogram shows.
+    """
+    from scn_scale import metrics
+    from scn_scale.data import shard_loader
+    from scn_scale.noise import load_ground_truth
+    from scn_scale.predictions import collect
+    from scn_scale.weights import load_model_file
+
+    model, _, _ = load_model_file(str(model_file))
+    loader = shard_loader(open_shard_set(str(shards)), train=False, image_size=image_size, batch_size=64,
+                          loader_workers=0)
+    pred = collect(model, loader).dedupe()
+    noisy_keys = set(load_ground_truth(str(noise_table)))
+    noisy = np.array([k in noisy_keys for k in pred.keys], dtype=bool)
+    return AlphaScores(pred.keys, pred.alpha, noisy, metrics.alpha_stats(pred.alpha, noisy))
+
+
+def relabel_audit(checkpoint_dir: Path, shards: Path, noise_table: Path) -> dict:
+    """The final relabel table against the ground truth: precision and recall of SCN's relabeling."""
+    from scn_scale.noise import load_ground_truth, load_overrides
+    from scn_scale.relabel_table import RelabelTable
+
+    tables = sorted(checkpoint_dir.glob("*relabel*.parquet"))
+    if not tables:
+        raise StageError(f"{checkpoint_dir}: no relabel table")
+    manifest = read_manifest(str(shards), columns=["key", "label"]).to_pydict()
+    given = dict(zip(manifest["key"], manifest["label"]))
+    given.update(load_overrides(str(noise_table)))  # the crawl labels (the same ones: the table restates them)
+    truth = dict(given)
+    truth.update(load_ground_truth(str(noise_table)))
+    classes = open_shard_set(str(shards)).classes
+    audit = RelabelTable.load(str(tables[0])).audit(truth, given, classes)
+    audit["table"] = str(tables[0])
+    return audit
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# -- entry points ----------------------------------------------------------------------------------------
+
+
+def prepare_out(out: Path) -> None:
+    """Empty `out` for a fresh run, but only if it is a demo's output (or empty): never delete anything else."""
+    if out.exists():
+        if not out.is_dir():
+            raise StageError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / MARKER).exists():
+            raise StageError(f"--out {out} is not empty and is not a demo's output ({MARKER} missing): "
+                             "choose another directory or empty it yourself")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by python -m scn_scale.demo; a new run empties this directory\n")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every child: unbuffered output (progress streams as it happens), Ray's
+    token authentication off for this throwaway loopback cluster (on both sides), DeepSpeed on CPU."""
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
+    env.pop("RAY_ADDRESS", None)  # only the training runs get one: ours
+    return env
+
+
+def run_demo(out: str | Path, scale: DemoScale, config: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+    """Run the demo into `out`; returns its results (also in out/report/results.json).
+
+    Whatever happens (a failure, an interrupt turned into an exception by the caller),
+    every child is stopped before this returns or raises, and out/logs/processes.json
+    records what was started and whether anything was left running.
+    """
+    out = Path(out).resolve()
+    prepare_out(out)
+    sup = Supervisor(out / "logs", child_env())
+    demo = Demo(out, scale, sup, config)
+    try:
+        return demo.run()
+    finally:
+        sup.stop_all()
+        left = sup.leftovers()
+        write_json(out / "logs" / "processes.json", {"children": sup.record(), "left_running": left})
+        if demo.ray_temp is not None:
+            shutil.rmtree(demo.ray_temp, ignore_errors=True)
+        if left:
+            log.error("processes left running after the demo: %s", left)
+        else:
+            log.info("all %d child processes have ended", len(sup.children))
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The final table printed at the end: stage times and the headline numbers."""
+    rows: list[tuple[str, str]] = [(f"stage: {title}", _clock(s)) for title, s in results["timings"].items()]
+    rows.append(("total wall time", _clock(results["elapsed_s"])))
+    noise, alpha, audit, runs = results["noise"], results["alpha"], results["audit"], results["runs"]
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    rows += [
+        ("crawl label noise (measured)", f"{pct(noise['noise'])} ({noise['noisy']}/{noise['samples']})"),
+        ("mean alpha, noisy / clean", f"{alpha['noisy'].get('mean', float('nan')):.3f} / "
+                                      f"{alpha['clean'].get('mean', float('nan')):.3f}"),
+        ("relabel precision / recall", f"{pct(audit['precision'])} / {pct(audit['recall'])} "
+                                       f"({audit['changed']} changed, {audit['restored']} restored)"),
+        ("clean test accuracy, SCN / baseline", f"{pct(runs['scn']['eval']['accuracy'])} / "
+                                                f"{pct(runs['baseline']['eval']['accuracy'])}"),
+        ("RAF-DB-layout accuracy, pretrained / scratch", f"{pct(runs['finetune-crawl']['eval']['accuracy'])} / "
+                                                         f"{pct(runs['finetune-scratch']['eval']['accuracy'])}"),
+        ("report", results["report"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scn_scale.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="where everything goes (emptied first if it holds a demo)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="default",
+                        help="default: the full demo (under 15 minutes on 2 cores); tiny: every stage in minutes")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    interrupted: list[str] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        # The first signal unwinds the demo; later ones must not cut its clean-up short.
+        name = signal.Signals(signum).name
+        if interrupted:
+            print(f"\n{name}: still stopping the demo's processes, please wait", file=sys.stderr, flush=True)
+            return
+        interrupted.append(name)
+        raise Interrupted(name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        results = run_demo(args.out, SCALES[args.scale], Path(args.config))
+    except Interrupted as exc:
+        print(f"\ninterrupted ({exc}): every process the demo started has been stopped", file=sys.stderr)
+        return 130
+    except StageError as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("\n" + summary_table(results))
+    print(f"\nthe report: {results['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
