@@ -498,9 +498,10 @@ class Demo:
             "--faces", "none", "--allow-host", "127.0.0.1", "--workers", 2,
             "--max-shard-samples", s.shard_samples,
             # The embedded web lists every image under its own class too, so an image served for
-            # another class's query is always a conflict; the default policy (skip) would drop every
-            # noisy result. Keeping conflicts, labelled by the first class in canonical order, lets
-            # the web's label noise reach the shards, as it does on the real web.
+            # another class's query is always a conflict, and the default policy (skip) would drop
+            # every noisy result. Keeping conflicts lets the web's label noise reach the shards, as
+            # on the real web; their label is the first of their classes in canonical order, so the
+            # noise falls more on early classes (neutral most, contempt never): the report shows it.
             "--conflicts", "first",
             # Our own server on loopback: no politeness limit (the default is 10 requests/s per host).
             "--set", "fetch.per_host_rate=0",
@@ -546,7 +547,7 @@ class Demo:
         address = f"127.0.0.1:{ports[0]}"
         self.ray_temp = Path(tempfile.mkdtemp(prefix="scn-demo-ray-"))
         head = self.sup.spawn("ray-head", [
-            str(Path(self.python).with_name("ray")), "start", "--head", "--block", "--disable-usage-stats",
+            ray_command(self.python), "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--port={ports[0]}",
             f"--dashboard-port={ports[1]}", f"--ray-client-server-port={ports[2]}",
             f"--dashboard-agent-listen-port={ports[3]}", f"--dashboard-agent-grpc-port={ports[4]}",
@@ -620,7 +621,7 @@ class Demo:
             self.make_corpus()
         with self.stage("the embedded web on 127.0.0.1, with web-like noise"):
             web = self.serve_web()
-        with self.stage("crawl it: crawler.build, default query taxonomy, faces none"):
+        with self.stage("crawl it (crawler.build, default query taxonomy, faces none); import the clean test set"):
             self.crawl(web)
         with self.stage("train on the crawl: local Ray cluster, SCN and baseline, 2 workers x DeepSpeed on CPU"):
             head = self.start_cluster()
@@ -663,6 +664,15 @@ class Demo:
         self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
         self.results["report"] = str(p.report / demo_report.REPORT_MD)  # recorded in results.json too
         return demo_report.write_report(self.results, scored.alpha, scored.noisy, p.report)
+
+
+def ray_command(python: str) -> str:
+    """The `ray` CLI of this environment (beside its python), else the one on PATH."""
+    beside = Path(python).with_name("ray")
+    found = str(beside) if beside.is_file() else shutil.which("ray")
+    if not found:
+        raise StageError("the `ray` command is missing: install the project (make install) or pip install 'ray[default]'")
+    return found
 
 
 def final_model(run: Path) -> Path:

@@ -275,7 +275,9 @@ def markdown(results: dict, h: dict) -> str:
         *[f"- {line}" for line in _verdicts(results, h)],
         "",
         "Accuracies are the last epoch's, evaluated by `scn_scale.evaluate`; no epoch was selected on a test set. "
-        "The per-epoch curves are the trainer's validation on the same test sets.",
+        "The per-epoch curves are the trainer's validation on the same test sets. SCN and the baseline both "
+        "start from random weights (the paper starts from a face-recognition model); the fine-tuning runs "
+        "compare crawl pretraining with no pretraining.",
         "",
         f"![accuracy per epoch]({ACCURACY_PNG})",
         "",
@@ -334,11 +336,17 @@ def markdown(results: dict, h: dict) -> str:
         "",
         "## Runs and files",
         "",
-        "| run | epochs | test accuracy | mean class accuracy | evaluation | model |",
-        "|---|---|---|---|---|---|",
+        "The trainer validates on every rank with that rank's own copy of the model; `scn_scale.evaluate` "
+        "scores the saved model file. Where the two differ in the last epoch, the report's final numbers are "
+        "the evaluation's.",
+        "",
+        "| run | epochs | test accuracy (evaluate) | trainer's last validation | mean class accuracy | evaluation "
+        "| model |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in runs.values():
-        lines.append(f"| {run['title']} | {len(run['metrics'])} | {_pct(run['eval']['accuracy'])} | "
+        last = run["metrics"][-1]["val_accuracy"] if run["metrics"] else None
+        lines.append(f"| {run['title']} | {len(run['metrics'])} | {_pct(run['eval']['accuracy'])} | {_pct(last)} | "
                      f"{_pct(run['eval']['mean_class_accuracy'])} | `{run['eval_dir']}` | `{run['model']}` |")
     lines += ["", "| stage | wall time |", "|---|---|"]
     lines += [f"| {title} | {seconds:.0f} s |" for title, seconds in results["timings"].items()]
