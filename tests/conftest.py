@@ -77,6 +77,26 @@ def _one_rank_group():
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="session")
+def local_ray():
+    """One in-process Ray cluster for the session, on a loopback address Ray keeps (127.0.0.2).
+
+    Ray started and stopped several times in one process is fragile (in CI a later session's
+    first actor was destroyed before it ran), so every module that needs Ray in this process
+    shares this one. 4 logical CPUs: two 2-worker training runs fit side by side. The raylet
+    passes its environment to the workers, so gloo stays on loopback in every one of them.
+    """
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        env.setenv("GLOO_SOCKET_IFNAME", "lo")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2")
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def one_rank(_one_rank_group):
     """A one-process group, set up the way DeepSpeed expects outside Ray (distributed_notes.md).

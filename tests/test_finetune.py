@@ -104,22 +104,17 @@ def test_balanced_sampler_reaches_the_trainer(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pretrain_finetune_on_rafdb_then_evaluate(tmp_path: Path, loads: list) -> None:
-    ray = pytest.importorskip("ray")
+def test_pretrain_finetune_on_rafdb_then_evaluate(tmp_path: Path, loads: list, local_ray: str) -> None:
     web_train, web_val = small_sets(tmp_path / "web")
     fixture = make_rafdb(tmp_path / "RAF-DB", per_class=(3, 2), size=100)
     rafdb = tmp_path / "rafdb"
     assert import_main(["rafdb", "--root", str(fixture.root), "--out", str(rafdb), "--shard-size", "6"]) == 0
     rafdb_train, rafdb_test = rafdb / "train", rafdb / "test"
     runs = tmp_path / "runs"
-    ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.2")
-    try:
-        pretrain = train_mod.train(config(web_train, web_val, runs, "pretrain"))
-        assert pretrain.model_file and len(pretrain.metrics) == 1
-        finetune = train_mod.train(config(rafdb_train, rafdb_test, runs, "rafdb", f"init={pretrain.model_file}",
-                                          "epochs=2", "scn.relabel_epoch=1"))
-    finally:
-        ray.shutdown()
+    pretrain = train_mod.train(config(web_train, web_val, runs, "pretrain"))
+    assert pretrain.model_file and len(pretrain.metrics) == 1
+    finetune = train_mod.train(config(rafdb_train, rafdb_test, runs, "rafdb", f"init={pretrain.model_file}",
+                                      "epochs=2", "scn.relabel_epoch=1"))
     # 8-class pretraining -> 7-class benchmark: the classifier rows came over by name.
     assert loads and loads[-1].layout == "scn-scale" and set(loads[-1].classifier_rows) == set(BASIC7)
     assert [m["epoch"] for m in finetune.metrics] == [1, 2]

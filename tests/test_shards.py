@@ -76,16 +76,12 @@ def test_set_opens_with_plain_webdataset_and_pyarrow(tmp_path: Path) -> None:
     assert table.column("key").to_pylist() == keys
 
 
-def test_set_opens_with_ray_data(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
+def test_set_opens_with_ray_data(tmp_path: Path, local_ray: str) -> None:
+    import ray
+
     keys = write_shard_set(tmp_path, [4, 3])
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.2")
-    try:
-        tars = sorted(str(p) for p in tmp_path.glob("*.tar"))
-        rows = ray.data.read_webdataset(tars, decoder=None).take_all()
-    finally:
-        ray.shutdown()
+    tars = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    rows = ray.data.read_webdataset(tars, decoder=None).take_all()
     assert sorted(r["__key__"] for r in rows) == sorted(keys)
     assert all(r["jpg"] for r in rows)
 
