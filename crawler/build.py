@@ -327,13 +327,14 @@ def _compact_work(out: Path, num_shards: int) -> None:
 def summarize(out: Path, num_shards: int, committer: Committer) -> dict[str, Any]:
     """Counts over every work shard's status rows plus the commit's decisions."""
     statuses: Counter = Counter()
-    fetched = faces_found = 0
+    fetched = faces_found = frames = 0
     rejected: Counter = Counter()
     for i in range(num_shards):
         table = pq.read_table(_work_paths(out, i)[1], columns=["status", "fetch_status", "faces_found",
-                                                                 "faces_rejected"])
+                                                                 "faces_rejected", "frames"])
         statuses.update(table.column("status").to_pylist())
         fetched += table.column("fetch_status").to_pylist().count("ok")
+        frames += sum(v or 0 for v in table.column("frames").to_pylist())
         faces_found += sum(v or 0 for v in table.column("faces_found").to_pylist())
         for text in table.column("faces_rejected").to_pylist():
             if text:
@@ -351,6 +352,7 @@ def summarize(out: Path, num_shards: int, committer: Committer) -> dict[str, Any
         "skipped": {k: statuses[k] for k in SKIPPED if statuses[k]},
         "no_face": statuses["no_face"],
         "filtered": statuses["face_filtered"],
+        "video_frames": frames,
         "faces_found": faces_found,
         "faces_rejected": dict(sorted(rejected.items())),
         "duplicates": dict(sorted(stats.duplicates.items())),
@@ -398,6 +400,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(("opted out", summary["opted_out"]))
     for reason, n in summary["skipped"].items():
         lines.append((f"skipped ({reason})", n))
+    if summary.get("video_frames"):
+        lines.append(("video frames sampled", summary["video_frames"]))
     lines += [("no face", summary["no_face"]), ("filtered (every face)", summary["filtered"])]
     lines += [(f"  faces {reason}", n) for reason, n in summary["faces_rejected"].items()]
     lines.append(("duplicates (faces)", sum(summary["duplicates"].values())))
@@ -420,7 +424,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 #: Shortcuts for --set: "fetch.timeout_s" means "pipeline.fetch.timeout_s".
 _SECTIONS = {"fetch": "pipeline.fetch", "decode": "pipeline.decode", "faces": "pipeline.faces",
-             "dedupe": "pipeline.dedupe", "conflicts": "pipeline.conflicts", "jpeg_quality": "pipeline.jpeg_quality",
+             "dedupe": "pipeline.dedupe", "frames": "pipeline.frames", "conflicts": "pipeline.conflicts", "jpeg_quality": "pipeline.jpeg_quality",
              "torch_threads": "pipeline.torch_threads"}
 
 
@@ -479,6 +483,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--faces", choices=("mtcnn", "haar", "none"), help="face detector (default mtcnn)")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
                    help="a host, address or network exempt from the private-address refusal (repeatable)")
+    p.add_argument("--allow-youtube", action="store_true",
+                   help="opt in to --provider youtube (YouTube's terms restrict downloading; needs scn-scale[video])")
     p.add_argument("--resume", action="store_true", help="continue the crawl already in --out")
     p.add_argument("--ray-address", help="run work shards as Ray tasks on this cluster ('auto', 'HOST:PORT', 'local')")
     p.add_argument("--workers", type=int, help="local worker processes (default: the CPU count; 0: in-process)")
@@ -526,6 +532,8 @@ def config_from_args(args: argparse.Namespace) -> CrawlConfig:
     for key, value in _key_values(args.set, "--set").items():
         cfg = override(cfg, key, value)
     settings = {**cfg.provider_settings, **_key_values(args.provider_setting, "--provider-setting")}
+    if args.allow_youtube:
+        settings["allow_youtube"] = True
     return dataclasses.replace(cfg, provider_settings=settings)
 
 

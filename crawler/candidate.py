@@ -25,7 +25,8 @@ from shards.atomic import write_parquet
 from shards.classes import CANONICAL
 from shards.sample import key_from_source
 
-MEDIA_TYPES = ("image", "video")
+#: "video" is a media file; "video_page" is a page (a YouTube watch page) that `crawler.resolve` turns into one.
+MEDIA_TYPES = ("image", "video", "video_page")
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CC_URL = re.compile(r"creativecommons\.org/(?:licenses|publicdomain)/([a-z-]+)/(\d+(?:\.\d+)*)", re.I)

@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import signal
+import ssl
 import sys
 import threading
 import uuid
@@ -242,12 +243,15 @@ class ServerThread:
 
     For in-process servers (the embedded web, test fixtures): `start()` returns once
     the socket listens, `stop()` returns once it is closed and in-flight requests ended.
+    With an `ssl_context` it serves https (for clients that only speak https, e.g. yt-dlp).
     """
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.base_url: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -260,7 +264,7 @@ class ServerThread:
 
         async def listen() -> None:
             await runner.setup()
-            await web.TCPSite(runner, self.host, self.port).start()
+            await web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context).start()
 
         def run() -> None:
             asyncio.set_event_loop(loop)
@@ -282,7 +286,7 @@ class ServerThread:
             self._thread.join()
             raise failure[0]
         self.port = runner.addresses[0][1]
-        self.base_url = f"http://{self.host}:{self.port}"
+        self.base_url = f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
         return self.base_url
 
     def stop(self) -> None:

@@ -96,6 +96,17 @@ def check_literal(url: str, allow: AllowList) -> None:
         check_address(host, ip, allow)
 
 
+def check_host(host: str, allow: AllowList) -> None:
+    """Resolve `host` now and check every address (for clients other than the fetcher's, e.g. yt-dlp)."""
+    ip = _parse_ip(host)
+    found = [ip] if ip is not None else [
+        _parse_ip(str(sockaddr[0])) for *_, sockaddr in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+    for address in found:
+        if address is None:
+            raise ForbiddenAddress(f"{host} resolved to an unparseable address")
+        check_address(host, address, allow)
+
+
 def guarded_resolver(allow: AllowList):
     """An aiohttp resolver that refuses hosts resolving to any non-public, non-allowed address.
 

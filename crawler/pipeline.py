@@ -14,8 +14,14 @@ Two halves, as in img2dataset's downloader and writer:
   Ray cluster write the same keys. On resume it replays every finished work shard from
   the start, rebuilding the same dedupe state, and skips keys the writer already holds.
 
-Per-candidate faults are statuses (`fetch_status` reasons, `decode` reasons, `no_face`,
-`face_filtered`, `duplicate`, `conflict_skipped`); a fault of the machinery raises.
+Videos take the same path with two more steps: a `video_page` (a YouTube watch page) is
+first turned into a media URL by `crawler.resolve`, the video's bytes are fetched under
+the video byte cap, and `crawler.frames` samples frames that go through the face stage
+like photos; each face's key then names its frame's time.
+
+Per-candidate faults are statuses (`fetch_status` reasons, `decode`, `resolve` and
+`frames` reasons, `no_face`, `face_filtered`, `duplicate`, `conflict_skipped`); a fault
+of the machinery raises.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import pyarrow as pa
 
 from crawler.decode import DecodeConfig, Decoder
 from crawler.dedupe import DedupeConfig, Deduper, hashes, hex64
-from crawler.faces import FaceConfig, FaceStage
+from crawler.faces import FaceConfig, FaceResult, FaceStage
 from crawler.fetch import Fetcher, FetchConfig
+from crawler.frames import FrameConfig, sample_frames
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +52,9 @@ ConflictPolicy = Literal["skip", "first"]
 
 #: Statuses a candidate can end with, grouped for the summary.
 FETCH_OK = "ok"
-SKIPPED = ("conflict_skipped", "bad_label", "unsupported_media")
-DECODE_FAILURES = ("not_image", "truncated", "too_many_pixels", "decompression_bomb", "too_small", "decode_error")
+SKIPPED = ("conflict_skipped", "bad_label")
+DECODE_FAILURES = ("not_image", "truncated", "too_many_pixels", "decompression_bomb", "too_small", "decode_error",
+                   "not_video", "no_video_stream", "frame_too_large", "video_error")
 
 STATUS_SCHEMA = pa.schema(
     [
@@ -66,6 +74,7 @@ STATUS_SCHEMA = pa.schema(
         ("faces_found", pa.int32()),
         ("faces_kept", pa.int32()),
         ("faces_rejected", pa.string()),
+        ("frames", pa.int32()),
         ("fetch_s", pa.float32()),
         ("final_url", pa.string()),
     ]
@@ -98,6 +107,7 @@ class PipelineConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     faces: FaceConfig = field(default_factory=FaceConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    frames: FrameConfig = field(default_factory=FrameConfig)
     #: What to do with an image found under several classes: "skip" it, or keep it under
     #: the "first" of its labels in canonical order (flagged `conflict` in its metadata).
     conflicts: ConflictPolicy = "skip"
@@ -110,6 +120,7 @@ class PipelineConfig:
         self.decode.validate()
         self.faces.validate()
         self.dedupe.validate()
+        self.frames.validate()
         if self.conflicts not in ("skip", "first"):
             raise ValueError(f"conflict policy {self.conflicts!r}: choose 'skip' or 'first'")
         if not 1 <= self.jpeg_quality <= 100:
@@ -136,17 +147,37 @@ class WorkShardOutput:
 
 # -- the work-shard task ---------------------------------------------------------------------
 
-_STAGES: dict[PipelineConfig, tuple[Fetcher, Decoder, FaceStage]] = {}
+@dataclass
+class _Stages:
+    fetcher: Fetcher
+    video_fetcher: Fetcher  # the same fetch settings with the video byte cap
+    decoder: Decoder
+    faces: FaceStage
+    resolver: Any = None  # crawler.resolve.Resolver, built for the first video page (it needs yt-dlp)
+
+    def resolve(self, config: PipelineConfig) -> Any:
+        if self.resolver is None:
+            from crawler.netguard import AllowList
+            from crawler.resolve import Resolver
+
+            fetch = config.fetch
+            self.resolver = Resolver(AllowList.parse(fetch.allow_hosts), fetch.timeout_s, fetch.user_agent)
+        return self.resolver
 
 
-def _stages(config: PipelineConfig) -> tuple[Fetcher, Decoder, FaceStage]:
+_STAGES: dict[PipelineConfig, _Stages] = {}
+
+
+def _stages(config: PipelineConfig) -> _Stages:
     """Stages built once per process and config (the detector is loaded once, not per shard)."""
     if config not in _STAGES:
         if config.torch_threads and config.faces.mode == "mtcnn":
             import torch
 
             torch.set_num_threads(config.torch_threads)  # this process is a dedicated worker
-        _STAGES[config] = (Fetcher(config.fetch), Decoder(config.decode_for_faces()), FaceStage(config.faces).load())
+        video_fetch = dataclasses.replace(config.fetch, max_bytes=config.frames.max_bytes)
+        _STAGES[config] = _Stages(Fetcher(config.fetch), Fetcher(video_fetch), Decoder(config.decode_for_faces()),
+                                  FaceStage(config.faces).load())
     return _STAGES[config]
 
 
@@ -165,9 +196,10 @@ def choose_label(labels: Sequence[str], conflict: bool, policy: ConflictPolicy,
     return label, None
 
 
-def sample_key(base_key: str, face_index: int, faces_in_image: int) -> str:
-    """The candidate's key, with `-f<i>` when its image gave several faces."""
-    return f"{base_key}-f{face_index}" if faces_in_image > 1 else base_key
+def sample_key(base_key: str, face_index: int, faces_in_image: int, frame_ms: int | None = None) -> str:
+    """The candidate's key, with `-t<ms>` for a video frame and `-f<i>` when its picture gave several faces."""
+    key = base_key if frame_ms is None else f"{base_key}-t{frame_ms}"
+    return f"{key}-f{face_index}" if faces_in_image > 1 else key
 
 
 def _provenance(c: dict[str, Any], label: str) -> dict[str, Any]:
@@ -206,46 +238,62 @@ def process_work_shard(index: int, candidates: Sequence[dict[str, Any]], config:
     Candidates come from `candidate_dicts`: label chosen, key made, skips decided. (This
     module imports nothing from `shards` at load time, so a worker process starts fast.)
     """
-    fetcher, decoder, face_stage = _stages(config)
+    stages = _stages(config)
     n = len(candidates)
     rows: list[dict[str, Any]] = [{} for _ in range(n)]
-    labels: list[str | None] = [None] * n
-    to_fetch: list[int] = []
+    images: list[int] = []
+    videos: list[int] = []
     for pos, c in enumerate(candidates):
         rows[pos] = {"position": pos, "candidate_id": c["candidate_id"], "url": c["url"], "label": c["label"],
                      "status": c["skip"], "faces_found": 0, "faces_kept": 0}
         if c["skip"] is None:
-            labels[pos] = c["label"]
-            to_fetch.append(pos)
+            (images if c["media_type"] == "image" else videos).append(pos)
+    media_urls: dict[int, str | None] = {pos: candidates[pos]["url"] for pos in images + videos}
+    for pos in videos:
+        if candidates[pos]["media_type"] == "video_page":
+            resolved = stages.resolve(config)(candidates[pos]["url"])
+            media_urls[pos] = resolved.media_url
+            if resolved.media_url is None:
+                rows[pos].update(status=resolved.status, error=resolved.error)
+    videos = [pos for pos in videos if media_urls[pos]]
     faces: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     processed: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}  # sha256 -> (row fields, faces)
-    for j, result in fetcher.stream([candidates[pos]["url"] for pos in to_fetch]):
-        pos = to_fetch[j]
-        row = rows[pos]
-        row.update(fetch_status=result.status, http_status=result.http_status, attempts=result.attempts,
-                   fetch_s=result.elapsed_s, final_url=result.final_url)
-        if not result.ok:
-            row.update(status=result.status, error=result.error)
-            continue
-        data = result.data
-        assert data is not None
-        sha = hashlib.sha256(data).hexdigest()
-        row.update(bytes=len(data), sha256=sha)
-        if sha not in processed:  # the same bytes give the same faces: process them once
-            try:
-                processed[sha] = _process_image(data, config, decoder, face_stage)
-            except Exception as exc:  # one odd image must not end a crawl of millions; counted, logged
-                log.warning("processing %s failed", candidates[pos]["url"], exc_info=True)
-                processed[sha] = ({"status": "process_error", "error": f"{type(exc).__name__}: {exc}"[:300]}, [])
-        fields_, image_faces = processed[sha]
-        row.update(fields_)
-        c = candidates[pos]
-        prov = _provenance(c, labels[pos])  # type: ignore[arg-type]
-        for f in image_faces:
-            key = sample_key(c["key"], f["face"], len(image_faces))
-            meta = {**prov, **f["meta"], "final_url": result.final_url, "source_sha256": sha}
-            faces[pos].append({**f, "key": key, "position": pos, "candidate_id": c["candidate_id"],
-                               "label": labels[pos], "sha256": sha, "meta": meta})
+
+    def process_image(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return _process_image(data, config, stages.decoder, stages.faces)
+
+    def process_video(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return _process_video(data, config, stages.faces)
+
+    for fetcher, positions, process in ((stages.fetcher, images, process_image),
+                                        (stages.video_fetcher, videos, process_video)):
+        for j, result in fetcher.stream([media_urls[pos] for pos in positions]):
+            pos = positions[j]
+            row = rows[pos]
+            row.update(fetch_status=result.status, http_status=result.http_status, attempts=result.attempts,
+                       fetch_s=result.elapsed_s, final_url=result.final_url)
+            if not result.ok:
+                row.update(status=result.status, error=result.error)
+                continue
+            data = result.data
+            assert data is not None
+            sha = hashlib.sha256(data).hexdigest()
+            row.update(bytes=len(data), sha256=sha)
+            if sha not in processed:  # the same bytes give the same faces: process them once
+                try:
+                    processed[sha] = process(data)
+                except Exception as exc:  # one odd file must not end a crawl of millions; counted, logged
+                    log.warning("processing %s failed", candidates[pos]["url"], exc_info=True)
+                    processed[sha] = ({"status": "process_error", "error": f"{type(exc).__name__}: {exc}"[:300]}, [])
+            fields_, found = processed[sha]
+            row.update(fields_)
+            c = candidates[pos]
+            prov = _provenance(c, c["label"])
+            for f in found:
+                key = sample_key(c["key"], f["face"], f["faces_in_image"], f.get("frame_ms"))
+                meta = {**prov, **f["meta"], "final_url": result.final_url, "source_sha256": sha}
+                faces[pos].append({**f, "key": key, "position": pos, "candidate_id": c["candidate_id"],
+                                   "label": c["label"], "sha256": sha, "meta": meta})
     # Duplicates inside the shard, offered in candidate order (not completion order).
     dedupe = Deduper(config.dedupe)
     face_rows: list[dict[str, Any]] = []
@@ -294,12 +342,41 @@ def _process_image(data: bytes, config: PipelineConfig, decoder: Decoder,
     result = face_stage.detect(decoded.image)
     fields_.update(faces_found=result.found, faces_rejected=json.dumps(result.rejected, sort_keys=True),
                    status=result.status)
-    scale = decoded.scale  # geometry back to original pixels when a JPEG was decoded at a reduced scale
+    # decoded.scale maps geometry back to original pixels when a JPEG was decoded at a reduced scale.
+    return fields_, _face_rows(result, config, decoded.scale, decoded.width, decoded.height)
+
+
+def _process_video(data: bytes, config: PipelineConfig,
+                   face_stage: FaceStage) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sample frames, then detect, align, encode and hash the faces of each: (status row fields, face rows)."""
+    sampled = sample_frames(data, config.frames)
+    fields_: dict[str, Any] = {"width": sampled.width, "height": sampled.height, "frames": len(sampled.frames)}
+    if not sampled.ok:
+        fields_.update(status=sampled.status, error=sampled.error)
+        return fields_, []
+    found, rejected, out = 0, Counter(), []
+    for frame in sampled.frames:
+        result = face_stage.detect(frame.image)
+        found += result.found
+        rejected.update(result.rejected)
+        for f in _face_rows(result, config, 1.0, sampled.width, sampled.height):
+            f["frame_ms"] = round(frame.time_s * 1000)
+            f["meta"].update(frame_time_s=frame.time_s, video_duration_s=sampled.duration_s)
+            out.append(f)
+    status = "ok" if out else ("no_face" if not found else "face_filtered")
+    fields_.update(faces_found=found, faces_rejected=json.dumps(dict(rejected), sort_keys=True), status=status)
+    return fields_, out
+
+
+def _face_rows(result: FaceResult, config: PipelineConfig, scale: float, width: int | None,
+               height: int | None) -> list[dict[str, Any]]:
+    """One row per kept face of one picture: the encoded crop, its hashes and its metadata."""
     out = []
     for i, face in enumerate(result.faces):
         ph, ph_mirror = hashes(face.crop)
         out.append({
             "face": i,
+            "faces_in_image": len(result.faces),
             "image": _encode(face.crop, config.jpeg_quality),
             "phash": hex64(ph),
             "phash_mirror": hex64(ph_mirror),
@@ -314,14 +391,14 @@ def _process_image(data: bytes, config: PipelineConfig, decoder: Decoder,
                     [round(r[0] / scale, 6), round(r[1] / scale, 6), r[2]] for r in face.matrix],
                 "face_index": i,
                 "faces_in_image": len(result.faces),
-                "source_width": decoded.width,
-                "source_height": decoded.height,
+                "source_width": width,
+                "source_height": height,
                 "crop_size": config.faces.crop_size,
                 "phash": hex64(ph),
                 "phash_mirror": hex64(ph_mirror),
             },
         })
-    return fields_, out
+    return out
 
 
 # -- the ordered commit -------------------------------------------------------------------------
@@ -410,8 +487,7 @@ def candidate_dicts(candidates: Iterable[Any], classes: Sequence[str], policy: C
         row = {name: getattr(c, name, None) for name in wanted}
         row["labels"] = list(row["labels"] or [])
         row["label"], row["skip"] = choose_label(row["labels"], bool(row["conflict"]), policy, classes)
-        if (getattr(c, "media_type", None) or "image") != "image":
-            row["skip"] = "unsupported_media"  # video candidates need frame sampling, not built here yet
+        row["media_type"] = getattr(c, "media_type", None) or "image"
         row["key"] = key_from_source(row["provider"], row["provider_id"] or row["url"])
         rows.append(row)
     return rows

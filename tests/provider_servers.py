@@ -2,13 +2,16 @@
 
 Each fake holds a catalog (query text -> items), enforces the limits the real service
 enforces (Openverse: 20 a page anonymously, 240 deep; Wikimedia: `continue` paging;
-Flickr: 4,000 results a query, `stat: fail` errors), logs every request, and can be
+Flickr: 4,000 results a query, `stat: fail` errors; YouTube: 20 a page, continuation
+tokens, https only), logs every request, and can be
 told to answer the next requests with an error (`fail_next`) to exercise retries.
 """
 
 from __future__ import annotations
 
 import math
+import ssl
+import subprocess
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -260,13 +263,94 @@ class FakeFlickr(Fake):
         )
 
 
+def youtube_video(query: str, k: int) -> dict[str, Any]:
+    """One search result as innertube's web client sends it (the fields yt-dlp reads, and some it skips)."""
+    video_id = f"v{_stable(query) % 10**5:05d}{k:05d}"
+    channel_id = f"UC{_stable(query + str(k % 3)) % 10**8:08d}abcdefghijklmn"
+    byline = {"runs": [{"text": f"Channel {k % 3}", "navigationEndpoint": {
+        "commandMetadata": {"webCommandMetadata": {"url": f"/@channel{k % 3}", "webPageType": "WEB_PAGE_TYPE_CHANNEL"}},
+        "browseEndpoint": {"browseId": channel_id, "canonicalBaseUrl": f"/@channel{k % 3}"}}}]}
+    minutes, seconds = divmod(60 + 7 * k, 60)
+    return {"videoRenderer": {
+        "videoId": video_id,
+        "thumbnail": {"thumbnails": [{"url": f"https://i.ytimg.com/vi/{video_id}/hq720.jpg", "width": 720, "height": 404}]},
+        "title": {"runs": [{"text": f"{query} #{k}"}],
+                  "accessibility": {"accessibilityData": {"label": f"{query} #{k} by Channel {k % 3}"}}},
+        "ownerText": byline,
+        "shortBylineText": byline,
+        "longBylineText": byline,
+        "lengthText": {"accessibility": {"accessibilityData": {"label": f"{minutes} minutes, {seconds} seconds"}},
+                       "simpleText": f"{minutes}:{seconds:02d}"},
+        "viewCountText": {"simpleText": f"{1000 + k:,} views"},
+        "publishedTimeText": {"simpleText": "2 years ago"},
+        "navigationEndpoint": {
+            "commandMetadata": {"webCommandMetadata": {"url": f"/watch?v={video_id}", "webPageType": "WEB_PAGE_TYPE_WATCH"}},
+            "watchEndpoint": {"videoId": video_id}},
+    }}
+
+
+@dataclass
+class FakeYouTube(Fake):
+    """innertube's search endpoint (`POST /youtubei/v1/search`): 20 results a page, then continuation tokens."""
+
+    page_size: int = 20
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/youtubei/v1/search", self.search)
+        return app
+
+    async def search(self, request: web.Request) -> web.Response:
+        failure = self.log(request)
+        if failure:
+            return failure
+        body = await request.json()
+        self.bodies.append(body)
+        if "continuation" in body:
+            text, _, start = body["continuation"].rpartition("|")
+            offset = int(start)
+        else:
+            text, offset = body.get("query", ""), 0
+        found = self.catalog.get(text, [])
+        section: list[dict[str, Any]] = [{"itemSectionRenderer": {"contents": found[offset : offset + self.page_size]}}]
+        if offset + self.page_size < len(found):
+            section.append({"continuationItemRenderer": {
+                "trigger": "CONTINUATION_TRIGGER_ON_ITEM_SHOWN",
+                "continuationEndpoint": {
+                    "clickTrackingParams": "CBkQui8iEwj",
+                    "commandMetadata": {"webCommandMetadata": {"sendPost": True, "apiUrl": "/youtubei/v1/search"}},
+                    "continuationCommand": {"token": f"{text}|{offset + self.page_size}",
+                                            "request": "CONTINUATION_REQUEST_TYPE_SEARCH"}}}})
+        context = {"responseContext": {"visitorData": "CgtWaXNpdG9yRGF0YQ%3D%3D"}, "estimatedResults": str(len(found))}
+        if offset == 0:
+            return web.json_response({**context, "contents": {"twoColumnSearchResultsRenderer": {
+                "primaryContents": {"sectionListRenderer": {"contents": section}}}}})
+        return web.json_response({**context, "onResponseReceivedCommands": [{
+            "clickTrackingParams": "CAAQ", "appendContinuationItemsAction": {
+                "continuationItems": section, "targetId": "search-feeds"}}]})
+
+
+@pytest.fixture(scope="session")
+def loopback_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    """A server context with a self-signed certificate for 127.0.0.1, for fakes of https-only services."""
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 @pytest.fixture
-def serve() -> Iterator[Callable[[Fake], str]]:
-    """Start fakes on free 127.0.0.1 ports for one test: `base_url = serve(fake)`."""
+def serve() -> Iterator[Callable[..., str]]:
+    """Start fakes on free 127.0.0.1 ports for one test: `base_url = serve(fake)` (`tls=context`: https)."""
     servers: list[ServerThread] = []
 
-    def start(fake: Fake) -> str:
-        server = ServerThread(fake.app())
+    def start(fake: Fake, tls: ssl.SSLContext | None = None) -> str:
+        server = ServerThread(fake.app(), ssl_context=tls)
         servers.append(server)
         return server.start()
 

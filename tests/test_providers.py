@@ -18,10 +18,13 @@ from provider_servers import (
     FakeFlickr,
     FakeOpenverse,
     FakeWikimedia,
+    FakeYouTube,
     flickr_photo,
+    loopback_tls,  # noqa: F401  (fixture)
     openverse_item,
     serve,  # noqa: F401  (fixture)
     wikimedia_page,
+    youtube_video,
 )
 
 from crawler.candidate import license_from_url
@@ -333,6 +336,66 @@ def test_youtube_without_yt_dlp_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "yt_dlp", None)  # import fails even where yt-dlp is installed
     with pytest.raises(RuntimeError, match=r"pip install 'scn-scale\[video\]'"):
         get_provider("youtube", allow_youtube=True)
+
+
+def youtube(serve, loopback_tls, n: int, **settings) -> tuple[FakeYouTube, object]:
+    pytest.importorskip("yt_dlp")
+    fake = FakeYouTube({QUERY.text: [youtube_video(QUERY.text, k) for k in range(n)]})
+    base = serve(fake, tls=loopback_tls)
+    return fake, get_provider("youtube", allow_youtube=True, api_base=base, verify_tls=False, **FAST, **settings)
+
+
+def test_youtube_pages_through_continuations_to_the_limit(serve, loopback_tls):
+    fake, provider = youtube(serve, loopback_tls, 55)
+    (page,) = search_all(provider, limit=45)
+    renderers = [item["videoRenderer"] for item in fake.catalog[QUERY.text][:45]]
+    assert [c.provider_id for c in page.candidates] == [r["videoId"] for r in renderers]
+    assert [r.path for r in fake.requests] == ["/youtubei/v1/search"] * 3  # 20 + 20 + 5 of the third page
+    assert fake.bodies[0]["query"] == QUERY.text and "continuation" not in fake.bodies[0]
+    assert [b["continuation"] for b in fake.bodies[1:]] == [f"{QUERY.text}|20", f"{QUERY.text}|40"]
+    assert fake.bodies[0]["context"]["client"]["clientName"] == "WEB"  # yt-dlp's own client, not ours
+    first, video = page.candidates[0], renderers[0]
+    assert (first.url, first.page_url) == (f"{provider.api_base}/watch?v={video['videoId']}",) * 2
+    assert (first.media_type, first.title, first.creator) == ("video_page", f"{QUERY.text} #0", "Channel 0")
+    assert first.extras == {"video_id": video["videoId"], "duration": 60,
+                            "channel_id": video["ownerText"]["runs"][0]["navigationEndpoint"]["browseEndpoint"]["browseId"]}
+    assert (first.label, first.query, first.lang, first.provider) == ("happiness", "happy face", "en", "youtube")
+
+
+def test_youtube_caps_results_per_query(serve, loopback_tls):
+    fake, provider = youtube(serve, loopback_tls, 55, max_results=25)
+    (page,) = search_all(provider)
+    assert len(page.candidates) == 25 and len(fake.requests) == 2
+
+
+def test_youtube_retries_429_after_the_wait_asked_and_gives_up_in_the_end(serve, loopback_tls):
+    quota = {"error": {"code": 429, "message": "Resource has been exhausted.", "status": "RESOURCE_EXHAUSTED"}}
+    fake, provider = youtube(serve, loopback_tls, 30, max_retries=2, sleep_scale=0.001)
+    fake.fail_next = [(429, {"Retry-After": "30"}, quota)]
+    (page,) = search_all(provider)
+    assert len(page.candidates) == 30 and len(fake.requests) == 3  # the 429, then both pages
+
+    fake.requests.clear()
+    fake.fail_next = [(429, {}, quota)] * 3
+    with pytest.raises(ProviderError, match=r"youtube: .* answered HTTP 429: gave up after 3 attempts") as err:
+        search_all(provider)
+    assert err.value.status == 429 and len(fake.requests) == 3
+
+
+def test_youtube_does_not_retry_a_bad_request(serve, loopback_tls):
+    fake, provider = youtube(serve, loopback_tls, 5)
+    fake.fail_next = [(400, {}, {"error": {"code": 400, "message": "Request contains an invalid argument."}})]
+    with pytest.raises(ProviderError, match="HTTP 400") as err:
+        search_all(provider)
+    assert err.value.status == 400 and len(fake.requests) == 1
+
+
+def test_youtube_refuses_unverified_tls_off_loopback():
+    pytest.importorskip("yt_dlp")
+    with pytest.raises(ValueError, match="loopback"):
+        get_provider("youtube", allow_youtube=True, api_base="https://search.example.org", verify_tls=False)
+    with pytest.raises(ValueError, match="https"):
+        get_provider("youtube", allow_youtube=True, api_base="http://127.0.0.1:1")
 
 
 # --- Registry and HTTP helpers -------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""A URL list (the img2dataset use case): csv, tsv, jsonl or parquet with columns url, label[, query][, lang].
+"""A URL list (the img2dataset use case): csv, tsv, jsonl or parquet with columns url, label[, query][, lang][, media_type].
 
 No network: the file is the search result. It is read and validated when the provider
 is built, so a bad row stops the run before any work, with the file and row named.
 Each distinct (label, query, lang) in the file is one query (`queries()`), whose
 results are its rows; a row without a query is found by its label's name, in the
-undetermined language "und". Any other column is kept in the candidate's extras.
+undetermined language "und". `media_type` is "image" (the default), "video" (a media
+file whose frames are sampled) or "video_page" (a page yt-dlp resolves, e.g. a YouTube
+watch URL). Any other column is kept in the candidate's extras.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any, Iterator
 import aiohttp
 import pyarrow.parquet as pq
 
-from crawler.candidate import Candidate
+from crawler.candidate import MEDIA_TYPES, Candidate
 from crawler.providers.base import RatePolicy, SearchPage
 from crawler.queries import Query
 from shards.classes import CANONICAL
 
 UNDETERMINED_LANG = "und"
+_COLUMNS = ("url", "label", "query", "lang", "media_type")
 _DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
 
@@ -57,13 +60,17 @@ class UrlListProvider:
             raise ValueError(f"{self.path}: row {n}: missing url")
         if label not in CANONICAL:
             raise ValueError(f"{self.path}: row {n}: unknown label {label!r}; known: {list(CANONICAL)}")
+        media_type = row.get("media_type") or "image"
+        if media_type not in MEDIA_TYPES:
+            raise ValueError(f"{self.path}: row {n}: media_type {media_type!r} is not one of {MEDIA_TYPES}")
         return Candidate(
             url=url.strip(),
             provider=self.name,
             label=label,
             query=row.get("query") or label,
             lang=row.get("lang") or UNDETERMINED_LANG,
-            extras={k: v for k, v in row.items() if k not in ("url", "label", "query", "lang") and v not in (None, "")},
+            media_type=media_type,
+            extras={k: v for k, v in row.items() if k not in _COLUMNS and v not in (None, "")},
         )
 
 
