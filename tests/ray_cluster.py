@@ -53,11 +53,14 @@ def ray_bin() -> str:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the node's whole process group (raylet, GCS, workers), then SIGKILL what is left."""
+    """SIGTERM the node's whole process group (raylet, GCS, workers), then SIGKILL what is left.
+
+    10 s: a test cluster has nothing to drain, and a node that outlived its head can wait far longer.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
     with contextlib.suppress(ProcessLookupError):

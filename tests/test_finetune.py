@@ -1,5 +1,6 @@
 """Fine-tuning: the trainer starts from ImageNet- and MS-Celeb-layout files with the whole backbone loaded;
-and end to end, pretrain -> fine-tune on a RAF-DB-layout fixture -> evaluate, with a report that recounts."""
+and end to end, an 8-class pretrained model file -> fine-tune on a RAF-DB-layout fixture -> evaluate, with a
+report that recounts."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from scn_scale import train as train_mod
 from scn_scale.config import TrainConfig, load_config
 from scn_scale.importers.__main__ import main as import_main
 from scn_scale.model import SCNModel
+from scn_scale.weights import save_model_file
 from shards import BASIC7, CANONICAL
 from tests.conftest import write_shard_set
 from tests.fixtures_benchmarks import make_rafdb
@@ -105,15 +107,17 @@ def test_balanced_sampler_reaches_the_trainer(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pretrain_finetune_on_rafdb_then_evaluate(tmp_path: Path, loads: list, local_ray: str) -> None:
-    web_train, web_val = small_sets(tmp_path / "web")
+    """The pretrained file is an 8-class model file as the trainer writes it (test_train checks that the
+    trainer writes one; the demo's slow test fine-tunes from a real crawl pretraining)."""
+    torch.manual_seed(0)
+    pretrained = tmp_path / "pretrained.pt"
+    save_model_file(str(pretrained), SCNModel(len(CANONICAL)), CANONICAL)
     fixture = make_rafdb(tmp_path / "RAF-DB", per_class=(3, 2), size=100)
     rafdb = tmp_path / "rafdb"
     assert import_main(["rafdb", "--root", str(fixture.root), "--out", str(rafdb), "--shard-size", "6"]) == 0
     rafdb_train, rafdb_test = rafdb / "train", rafdb / "test"
     runs = tmp_path / "runs"
-    pretrain = train_mod.train(config(web_train, web_val, runs, "pretrain"))
-    assert pretrain.model_file and len(pretrain.metrics) == 1
-    finetune = train_mod.train(config(rafdb_train, rafdb_test, runs, "rafdb", f"init={pretrain.model_file}",
+    finetune = train_mod.train(config(rafdb_train, rafdb_test, runs, "rafdb", f"init={pretrained}",
                                       "epochs=2", "scn.relabel_epoch=1"))
     # 8-class pretraining -> 7-class benchmark: the classifier rows came over by name.
     assert loads and loads[-1].layout == "scn-scale" and set(loads[-1].classifier_rows) == set(BASIC7)
