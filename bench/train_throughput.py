@@ -63,6 +63,7 @@ def trainer_throughput(args: argparse.Namespace, out: Path, run_name: str) -> di
         image_size=args.image_size,
         num_workers=1,
         loader_workers=args.loader_workers,
+        cpus_per_worker=args.cpus,
         use_gpu=args.gpu,
         precision=args.precision,
         channels_last=args.channels_last,
@@ -74,7 +75,7 @@ def trainer_throughput(args: argparse.Namespace, out: Path, run_name: str) -> di
     ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.gpu else 0, include_dashboard=False,
              _node_ip_address=LOCAL_NODE_IP, log_to_driver=False)
     try:
-        result = train(cfg, cpus_per_worker=args.cpus)
+        result = train(cfg)
     finally:
         ray.shutdown()
     last = result.metrics[-1]

@@ -94,6 +94,9 @@ class TrainConfig:
     image_size: int = 224  # released code resizes RAF-DB's 100x100 crops to 224
     num_workers: int = 1  # Ray Train workers (ranks)
     loader_workers: int = 2  # DataLoader workers per rank
+    # Ray CPUs reserved per rank, which Ray also gives torch as its thread count. On GPU nodes,
+    # reserve the rank's loader workers too, or Ray packs other work onto the cores they decode on.
+    cpus_per_worker: float = 1.0
     use_gpu: bool = False
     method: Literal["scn", "baseline"] = "scn"  # baseline: plain CE, no weighting or relabeling
     seed: int = 0
@@ -126,6 +129,8 @@ class TrainConfig:
         for name in ("loader_workers", "max_failures"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0.0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.lr <= 0.0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0.0:

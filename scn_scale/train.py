@@ -129,17 +129,15 @@ def _connect(address: str) -> bool:
     return True
 
 
-def train(cfg: TrainConfig, *, cpus_per_worker: float = 1.0, progress: bool = False, log_level: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, progress: bool = False, log_level: int | None = None) -> TrainResult:
     """Train (or resume) the run `cfg.out_dir/cfg.run_name`; return where it lives and its metrics.
 
-    `cpus_per_worker` is the Ray CPU reservation per worker, which is also the number of
-    threads Ray lets torch use in it. `progress` and `log_level` are the CLI's choices of
-    what rank 0 prints.
+    `progress` and `log_level` are the CLI's choices of what rank 0 prints.
     """
     ds_config, classes = prepare(cfg)
     storage = storage_path(cfg.out_dir)
     spec = WorkerSpec(cfg=cfg, deepspeed=ds_config, classes=classes, storage=storage, progress=progress, log_level=log_level)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     # Only RAY_TRAIN_* variables reach workers by themselves; DeepSpeed reads DS_ACCELERATOR at import.
     worker_env = None if cfg.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
     started = _connect(cfg.address)

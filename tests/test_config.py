@@ -112,6 +112,7 @@ def test_yaml_type_error(tmp_path):
         ("scn.relabel_epoch=0", "1-based"),
         ("model.backbone=vgg16", "model.backbone must be one of"),
         ("fail_at=epoch:1", "fail_at"),
+        ("cpus_per_worker=0", "cpus_per_worker must be > 0"),
     ],
 )
 def test_validation(override, message):

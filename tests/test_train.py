@@ -166,6 +166,15 @@ def test_deepspeed_config_is_filled_from_the_trainer() -> None:
     assert ds["data_types"]["buffer_dtype"] == "bf16" and ds["zero_optimization"]["stage"] == 2
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "cluster" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_load_and_agree_with_their_deepspeed_config(path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)  # their DeepSpeed paths are relative to the job's working directory
+    cfg = load_config(TrainConfig, str(path), [])
+    ds = deepspeed_config(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.batch_size
+    assert ("bf16" in ds and ds["bf16"].get("enabled", False)) == (cfg.precision == "bf16")
+
+
 def test_fail_at_and_init_are_checked(capsys, small_set: str, tmp_path: Path) -> None:
     base = ["--config", CONFIG, f"train_shards={small_set}", f"val_shards={small_set}"]
     assert "fail_at needs epoch, step, rank" in _error(capsys, [*base, "fail_at=epoch=1,step=2"])
