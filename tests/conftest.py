@@ -1,11 +1,13 @@
-"""Fixtures shared by the test modules: small real images and small real shard sets."""
+"""Fixtures shared by the test modules: small real images and shard sets, and the servers several modules use."""
 
 from __future__ import annotations
 
 import io
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -95,6 +97,40 @@ def local_ray():
             yield ray.get_runtime_context().gcs_address
         finally:
             ray.shutdown()
+
+
+@dataclass
+class S3:
+    fs: Any  # an s3fs filesystem on the server
+    bucket: str
+    env: dict[str, str]  # the variables that point every S3 client (s3fs, pyarrow) at the server
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    """A real S3 API (moto's server) on 127.0.0.1 with one empty bucket, for the session.
+
+    Clients find it through the standard AWS_ENDPOINT_URL variable, set here for this process
+    and its children (loader workers) and passed on to Ray clusters by the tests that start them.
+    """
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an earlier endpoint
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("scn-test")
+        try:
+            yield S3(fs, "scn-test", env)
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
 
 
 @pytest.fixture(scope="module")

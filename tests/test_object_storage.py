@@ -1,6 +1,6 @@
 """Shard sets read from object storage, as cluster nodes read them: a real S3 API (moto's
-server) on 127.0.0.1, reached through fsspec and s3fs with the endpoint from the standard
-AWS_ENDPOINT_URL variable, so the reader's code path is the one a real bucket takes."""
+server, the `s3` fixture) on 127.0.0.1, reached through fsspec and s3fs, so the reader's
+code path is the one a real bucket takes."""
 
 from __future__ import annotations
 
@@ -10,39 +10,14 @@ from pathlib import Path
 import pytest
 
 from shards import ShardSetError, ShardStream, make_loader, open_shard_set, read_manifest
-from tests.conftest import write_shard_set
+from tests.conftest import S3, write_shard_set
 from tests.test_shards import _identity
 
-s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 
-BUCKET = "scn-shards"
-
-
-@pytest.fixture(scope="module")
-def bucket():
-    """An empty bucket on a loopback S3 server; the environment points every S3 client (loader workers too) at it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            env.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an earlier endpoint
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        try:
-            yield fs
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
-
-
-def test_a_set_in_a_bucket_reads_as_from_a_directory(bucket, tmp_path: Path) -> None:
+def test_a_set_in_a_bucket_reads_as_from_a_directory(s3: S3, tmp_path: Path) -> None:
     keys = write_shard_set(tmp_path / "set", [9, 2, 7, 3, 5, 1, 4, 6])  # uneven: 37 samples, 8 shards
-    bucket.put(str(tmp_path / "set"), f"{BUCKET}/webemotion/train", recursive=True)
-    url = f"s3://{BUCKET}/webemotion/train"
+    s3.fs.put(str(tmp_path / "set"), f"{s3.bucket}/webemotion/train", recursive=True)
+    url = f"s3://{s3.bucket}/webemotion/train"
 
     shard_set = open_shard_set(url)
     local = open_shard_set(str(tmp_path / "set"))
@@ -64,6 +39,6 @@ def test_a_set_in_a_bucket_reads_as_from_a_directory(bucket, tmp_path: Path) -> 
     assert set(seen) == set(keys)
 
 
-def test_a_missing_prefix_is_named(bucket) -> None:
-    with pytest.raises(ShardSetError, match=f"s3://{BUCKET}/nothing-here"):
-        open_shard_set(f"s3://{BUCKET}/nothing-here")
+def test_a_missing_prefix_is_named(s3: S3) -> None:
+    with pytest.raises(ShardSetError, match=f"s3://{s3.bucket}/nothing-here"):
+        open_shard_set(f"s3://{s3.bucket}/nothing-here")
