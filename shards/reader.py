@@ -144,6 +144,28 @@ def _image_of(sample: Mapping[str, Any]) -> bytes:
     raise KeyError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
 
 
+class _Skips:
+    """What one loader worker dropped as unreadable in one epoch, each thing counted once.
+
+    A worker cycles through its shards until it has its planned batches, so it may meet a
+    corrupt sample several times; counting every meeting would overstate the damage.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()  # sample keys, or error texts for damage above the sample level
+        self.new = 0  # not yet reported with a batch
+
+    def add(self, what: str, message: str) -> None:
+        if what not in self.seen:
+            self.seen.add(what)
+            self.new += 1
+            log.warning(message)
+
+    def take(self) -> int:
+        n, self.new = self.new, 0
+        return n
+
+
 class ShardStream(IterableDataset):
     """Batches of decoded samples for one rank; give it to `make_loader`, not to a DataLoader directly.
 
@@ -205,16 +227,17 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return 0 if info is None else info.id
 
-    def _raw_samples(self, shard_urls: list[str], counter: list[int], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, shard_urls: list[str], skips: _Skips, rng: random.Random) -> Iterator[dict[str, Any]]:
         """Samples of the given shards, cycling; unreadable tar members are counted, not fatal.
 
         The shuffle buffer is drained at the end of every pass, so each pass yields every
         sample once before the next begins (a buffer across passes would hold some back).
+        Samples that failed to decode in an earlier pass are left out of later ones, so a
+        set with nothing decodable ends in an error instead of cycling for ever.
         """
 
         def skip(exn: Exception) -> bool:
-            log.warning("skipping unreadable data: %s", exn)
-            counter[0] += 1
+            skips.add(str(exn), f"skipping unreadable data: {exn}")
             return True
 
         while True:
@@ -223,10 +246,12 @@ class ShardStream(IterableDataset):
             if self.shuffle_buffer > 1:
                 samples = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
             for sample in samples:
+                if sample["__key__"] in skips.seen:
+                    continue
                 yielded += 1
                 yield sample
             if not yielded:
-                raise ShardSetError(f"shards {shard_urls} yielded no sample at all")
+                raise ShardSetError(f"shards {shard_urls} yielded no readable sample at all")
 
     def _keep(self, raw: Mapping[str, Any], rng: random.Random) -> bool:
         """The balanced-sampling draw, made before decoding so rejected samples cost no decode."""
@@ -247,8 +272,8 @@ class ShardStream(IterableDataset):
         worker = self._worker()
         mine = [self.shard_set.shards[i] for i in plan.assignments[self.rank][worker]]
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-        counter = [0]
-        samples = self._raw_samples(mine, counter, rng)
+        skips = _Skips()
+        samples = self._raw_samples(mine, skips, rng)
         batch: list[dict[str, Any]] = []
         produced = 0
         for raw in samples:
@@ -257,12 +282,11 @@ class ShardStream(IterableDataset):
             try:
                 batch.append(self._decode(raw))
             except Exception as exc:  # a corrupt sample costs itself, not the run
-                log.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
-                counter[0] += 1
+                skips.add(raw["__key__"], f"skipping sample {raw['__key__']} from {raw.get('__url__')}: {exc}")
                 continue
             if len(batch) == self.batch_size:
                 out = default_collation_fn(batch, combine_scalars=True)
-                out["skipped"], counter[0] = counter[0], 0
+                out["skipped"] = skips.take()
                 yield out
                 batch = []
                 produced += 1

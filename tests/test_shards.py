@@ -279,15 +279,26 @@ def test_reader_errors_name_the_set(tmp_path: Path) -> None:
 
 
 def test_reader_skips_and_counts_corrupt_samples_and_applies_overrides(tmp_path: Path) -> None:
-    keys = write_shard_set(tmp_path, [4, 4])
+    keys = write_shard_set(tmp_path, [8])
     _rewrite_tar(tmp_path / "shard-000000.tar", replace={f"{keys[0]}.jpg": b"not a jpeg"})
     shard_set = open_shard_set(f"file://{tmp_path}")  # fsspec URL, as object stores are read
-    stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=1, batch_size=7,
+    # Batches of 3 from 7 good samples: the worker reads its shard a second time and meets the
+    # corrupt sample (the first) again, which is still one sample skipped.
+    stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=1, batch_size=3,
                          transform=_identity, overrides={keys[1]: 7})
     batches = list(make_loader(stream))
-    assert sum(int(b["skipped"]) for b in batches) >= 1
+    assert len(batches) == 3 and sum(int(b["skipped"]) for b in batches) == 1
     got = {k: int(lbl) for b in batches for k, lbl in zip(b["key"], b["label"])}
     assert keys[0] not in got and got[keys[1]] == 7
+
+
+def test_reader_with_nothing_decodable_stops_with_an_error(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, [2])
+    _rewrite_tar(tmp_path / "shard-000000.tar", replace={f"{k}.jpg": b"not a jpeg" for k in keys})
+    stream = ShardStream(open_shard_set(str(tmp_path)), rank=0, world_size=1, loader_workers=0, batch_size=2,
+                         transform=_identity)
+    with pytest.raises(ShardSetError, match="no readable sample"):
+        list(make_loader(stream))
 
 
 def test_fast_tar_reader_agrees_with_tarfile(tmp_path: Path) -> None:
