@@ -8,6 +8,7 @@ Exits non-zero on any fault, naming the shard and the key.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
@@ -52,13 +53,25 @@ def _read_tar(path: Path, report: Report) -> dict[str, dict[str, bytes]]:
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} truncated")
-                groups.setdefault(key, {})[ext] = data
+                members = groups.setdefault(key, {})
+                if ext in members:
+                    report.faults.append(f"{path.name}: duplicate key {key} within the shard ({member.name} twice)")
+                members[ext] = data
     except (tarfile.TarError, OSError, EOFError) as exc:
         report.faults.append(f"{path.name}: truncated or unreadable tar ({exc})")
     return groups
 
 
-def _check_sample(shard: str, key: str, members: dict[str, bytes], classes: list[str], report: Report) -> int | None:
+@dataclass(frozen=True)
+class Checked:
+    """What a sample's members say, for comparison with its manifest row."""
+
+    label: int
+    sha256: str
+    size: tuple[int, int] | None  # None: the image does not decode
+
+
+def _check_sample(shard: str, key: str, members: dict[str, bytes], classes: list[str], report: Report) -> Checked | None:
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     missing = [m for m in ("cls", "json") if m not in members] + ([] if image_ext else ["image"])
     if missing:
@@ -76,12 +89,23 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], classes: list
         json.loads(members["json"])
     except ValueError as exc:
         report.faults.append(f"{shard}: sample {key} has unreadable json ({exc})")
+    image = members[image_ext]  # type: ignore[index]
+    size = None
     try:
-        with Image.open(io.BytesIO(members[image_ext])) as im:  # type: ignore[index]
+        with Image.open(io.BytesIO(image)) as im:
             im.load()
+            size = im.size
     except Exception as exc:  # Pillow raises many types for bad bytes
         report.faults.append(f"{shard}: sample {key} image does not decode ({exc})")
-    return label
+    return Checked(label, hashlib.sha256(image).hexdigest(), size)
+
+
+def _disagreements(checked: Checked, row: dict, shard: str) -> list[str]:
+    """The manifest fields of `row` that the sample itself contradicts."""
+    found = {"shard": shard, "label": checked.label, "sha256": checked.sha256}
+    if checked.size is not None:
+        found["width"], found["height"] = checked.size
+    return [f"{name} {row[name]!r} (the sample's: {value!r})" for name, value in found.items() if row[name] != value]
 
 
 def verify(root: str | Path) -> Report:
@@ -94,7 +118,8 @@ def verify(root: str | Path) -> Report:
         return report
     classes = json.loads((root / STATS_NAME).read_text())["classes"]
     sizes: dict[str, int] = json.loads((root / SIZES_NAME).read_text())
-    manifest = pq.read_table(root / MANIFEST_NAME, columns=["key", "shard", "label", "split"]).to_pylist()
+    columns = ["key", "shard", "label", "split", "sha256", "width", "height"]
+    manifest = pq.read_table(root / MANIFEST_NAME, columns=columns).to_pylist()
     by_key = {row["key"]: row for row in manifest}
     seen: dict[str, str] = {}
     tars = sorted(p.name for p in root.glob("*.tar"))
@@ -112,15 +137,17 @@ def verify(root: str | Path) -> Report:
                 report.faults.append(f"duplicate key {key} in {seen[key]} and {shard}")
                 continue
             seen[key] = shard
-            label = _check_sample(shard, key, members, classes, report)
+            checked = _check_sample(shard, key, members, classes, report)
             row = by_key.get(key)
             if row is None:
                 report.faults.append(f"{shard}: sample {key} has no manifest row")
-            elif row["shard"] != shard or (label is not None and row["label"] != label):
-                report.faults.append(f"{shard}: sample {key} disagrees with its manifest row {row}")
-            if label is not None:
+            elif row["shard"] != shard:
+                report.faults.append(f"{shard}: sample {key} is listed in the manifest under shard {row['shard']}")
+            elif checked is not None and (wrong := _disagreements(checked, row, shard)):
+                report.faults.append(f"{shard}: sample {key} disagrees with its manifest row: {'; '.join(wrong)}")
+            if checked is not None:
                 report.samples += 1
-                report.per_class[classes[label]] += 1
+                report.per_class[classes[checked.label]] += 1
                 report.per_split[row["split"] if row else "?"] += 1
     for row in manifest:
         if row["key"] not in seen:

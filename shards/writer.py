@@ -44,6 +44,12 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}"
 
 
+def _tar_member_size(n: int) -> int:
+    """Bytes a member of n bytes takes in the tar: a 512-byte header and its data padded to 512
+    (the writer's integer mtime and short names keep tarfile from adding PAX headers)."""
+    return 512 + -(-n // 512) * 512
+
+
 def _image_size(sample: Sample) -> tuple[int, int]:
     """Width and height from the image header alone: no full decode on the write path."""
     try:
@@ -153,18 +159,16 @@ class ShardWriter:
             "schema_version": SCHEMA_VERSION,
         }
         assert self._tar is not None
-        self._tar.write(
-            {
-                "__key__": sample.key,
-                sample.ext: sample.image,
-                "cls": str(sample.label).encode(),
-                "json": json.dumps(meta, sort_keys=True, default=str).encode(),
-            }
-        )
+        members = {
+            sample.ext: sample.image,
+            "cls": str(sample.label).encode(),
+            "json": json.dumps(meta, sort_keys=True, default=str).encode(),
+        }
+        self._tar.write({"__key__": sample.key, **members})
         name = shard_name(self.prefix, self._next_index)
         self._rows.append(manifest_row(sample, f"{name}.tar", self.classes[sample.label], width, height))
         self._known[sample.key] = f"{name}.tar"
-        self._bytes += len(sample.image)
+        self._bytes += sum(_tar_member_size(len(data)) for data in members.values())
         self.written += 1
         if len(self._rows) >= self.max_samples or self._bytes >= self.max_bytes:
             self._finish_shard()

@@ -61,7 +61,15 @@ def test_byte_cap_closes_shards(tmp_path: Path, rng: np.random.Generator) -> Non
         for data in images:
             writer.write(Sample(key=key_from_bytes(data), image=data, label=0))
     sizes = json.loads((tmp_path / "sizes.json").read_text())
-    assert len(sizes) >= 3 and sum(sizes.values()) == 6
+    assert sum(sizes.values()) == 6 and len(sizes) >= 3
+    for shard in sorted(sizes)[:-1]:  # a shard closes on the sample that reaches the cap, in tar bytes
+        with tarfile.open(tmp_path / shard) as tar:
+            per_sample = Counter()
+            for m in tar:
+                per_sample[m.name.partition(".")[0]] += 512 + -(-m.size // 512) * 512
+        stats = json.loads((tmp_path / shard.replace(".tar", "_stats.json")).read_text())
+        assert stats["bytes"] == sum(per_sample.values()) >= cap
+        assert stats["bytes"] - per_sample[list(per_sample)[-1]] < cap  # below the cap before its last sample
 
 
 def test_set_opens_with_plain_webdataset_and_pyarrow(tmp_path: Path) -> None:
@@ -173,10 +181,13 @@ def test_verify_catches_truncated_tar(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "shard-000001.tar: truncated or unreadable tar" in _fault(tmp_path, capsys)
 
 
-def _rewrite_tar(path: Path, drop: str | None = None, replace: dict[str, bytes] | None = None) -> None:
-    """Rewrite a tar in place without member `drop` and with `replace`d member bodies."""
+def _rewrite_tar(
+    path: Path, drop: str | None = None, replace: dict[str, bytes] | None = None, append: dict[str, bytes] | None = None
+) -> None:
+    """Rewrite a tar in place without member `drop`, with `replace`d member bodies and `append`ed members."""
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members += [(tarfile.TarInfo(name), data) for name, data in (append or {}).items()]
     with tarfile.open(path, "w") as tar:
         for member, data in members:
             if member.name == drop:
@@ -184,6 +195,11 @@ def _rewrite_tar(path: Path, drop: str | None = None, replace: dict[str, bytes] 
             data = (replace or {}).get(member.name, data)
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+
+
+def _members_of(path: Path, key: str) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.startswith(f"{key}.")}
 
 
 def test_verify_catches_sample_without_cls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,19 +216,33 @@ def test_verify_catches_undecodable_image(tmp_path: Path, capsys: pytest.Capture
 
 def test_verify_catches_duplicate_key_across_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keys = write_shard_set(tmp_path, [2, 2])
-    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
-        first = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.startswith(keys[0])}
-    with tarfile.open(tmp_path / "shard-000001.tar") as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(tmp_path / "shard-000001.tar", "w") as tar:
-        for member, data in members:
-            tar.addfile(member, io.BytesIO(data))
-        for name, data in first.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    _rewrite_tar(tmp_path / "shard-000001.tar", append=_members_of(tmp_path / "shard-000000.tar", keys[0]))
     err = _fault(tmp_path, capsys)
     assert f"duplicate key {keys[0]} in shard-000000.tar and shard-000001.tar" in err
+
+
+def test_verify_catches_duplicate_key_within_a_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = write_shard_set(tmp_path, [3])
+    # The copy comes after another sample, so a reader grouping neighbours would yield it twice.
+    _rewrite_tar(tmp_path / "shard-000000.tar", append=_members_of(tmp_path / "shard-000000.tar", keys[0]))
+    assert f"shard-000000.tar: duplicate key {keys[0]} within the shard ({keys[0]}.jpg twice)" in _fault(tmp_path, capsys)
+
+
+def test_verify_catches_a_manifest_row_the_sample_contradicts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+
+    keys = write_shard_set(tmp_path, [3])
+    table = pq.read_table(tmp_path / "manifest.parquet")
+    row = table.column("key").to_pylist().index(keys[1])
+    sha = table.column("sha256").to_pylist()
+    width = table.column("width").to_pylist()
+    sha[row], width[row] = "0" * 64, 999
+    table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
+    table = table.set_column(table.schema.get_field_index("width"), "width", pa.array(width, pa.int32()))
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    err = _fault(tmp_path, capsys)
+    assert f"shard-000000.tar: sample {keys[1]} disagrees with its manifest row: sha256 '{'0' * 64}'" in err
+    assert "width 999 (the sample's: " in err and keys[0] not in err and keys[2] not in err
 
 
 def test_verify_catches_manifest_row_without_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
