@@ -129,11 +129,12 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()[:8], "little") % 2**63
 
 
-#: The scalars of a metrics line that go to `ray.train.report` (and so to Ray's result);
-#: the whole line is in metrics.jsonl.
+#: The parts of a metrics line that go to `ray.train.report` (and so to Ray's result and
+#: dashboards); the whole line, with the validation confusion matrix and timings, is in metrics.jsonl.
 REPORTED = (
-    "epoch", "loss", "wce", "rr", "train_accuracy", "val_accuracy", "val_mean_class_accuracy", "relabels",
-    "relabels_total", "table_digest", "skipped", "images_per_s",
+    "epoch", "lr", "loss", "wce", "rr", "train_accuracy", "val_accuracy", "val_mean_class_accuracy", "alpha",
+    "relabels", "relabels_total", "table_digest", "audit", "skipped", "val_skipped", "images_per_s",
+    "images_per_s_per_worker",
 )
 
 
@@ -405,7 +406,7 @@ class Worker:
                 rank=self.rank, world_size=self.world,
             )
             ray.train.report(
-                {"epoch": epoch} if line is None else {k: line[k] for k in REPORTED},
+                {"epoch": epoch} if line is None else {k: line[k] for k in REPORTED if k in line},
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
                 checkpoint_dir_name=checkpoint.checkpoint_dir_name(epoch),
             )
