@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from scn_scale.config import TrainConfig, save_config
+import yaml
+
+from scn_scale.config import TrainConfig, config_to_dict, save_config
 from scn_scale.relabel_table import RelabelTable
 from scn_scale.weights import save_model_file
 from shards.atomic import write_json
@@ -58,6 +61,46 @@ def deepspeed_tag(epoch: int) -> str:
 def run_dir(out_dir: str, run_name: str) -> str:
     """Where Ray Train keeps the run (storage_path/name); a local path or a URL."""
     return join(out_dir.rstrip("/"), run_name)
+
+
+#: Settings a run cannot change when it resumes: they fix its data order (the reader plans
+#: each epoch from seed, shard set, ranks, loader workers and batch size), its labels and its method.
+RESUME_FIXED = (
+    "method", "seed", "train_shards", "label_overrides", "batch_size", "grad_accum", "num_workers",
+    "loader_workers", "balanced_sampler",
+)
+
+
+def latest_checkpoint(run: str, holding: str = STATE_FILE) -> str | None:
+    """The run's (local path or URL) highest-epoch checkpoint directory that holds the file
+    `holding` (by default the state file, written last: a complete checkpoint), or None."""
+    fs, root = open_fs(run)
+    found = fs.glob(join(root, f"checkpoint_epoch_*/{holding}"))
+    epochs = {int(m.group(1)): m.group(0) for path in found if (m := re.search(r"checkpoint_epoch_(\d+)", path))}
+    return join(run.rstrip("/"), epochs[max(epochs)]) if epochs else None
+
+
+def check_resume(cfg: TrainConfig, run: str) -> None:
+    """Refuse to resume `run` under settings that would replay its epochs differently.
+
+    Ray Train resumes any run whose name it finds in storage, whatever the new settings;
+    a resumed run with another seed or batch size would silently train on another data order.
+    """
+    last = latest_checkpoint(run)
+    if last is None:
+        return
+    fs, path = open_fs(join(last, CONFIG_FILE))
+    with fs.open(path, "r") as f:
+        saved = yaml.safe_load(f)
+    now = config_to_dict(cfg)
+    changed = [k for k in RESUME_FIXED if saved.get(k) != now[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        asked = ", ".join(f"{k}={now[k]!r}" for k in changed)
+        raise CheckpointError(
+            f"run {run} resumes from {last}, which was trained with {was}; this start asks for {asked}. "
+            f"Resume with the run's settings, or start a new run_name (init= its model file to continue from its weights)"
+        )
 
 
 def save(

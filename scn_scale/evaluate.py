@@ -1,7 +1,8 @@
 """`python -m scn_scale.evaluate --checkpoint C --shards S --out DIR`: a checkpoint on a shard set, as a report.
 
-C is a checkpoint directory (holding `model.pt`) or a training run directory, meaning
-its latest checkpoint (the highest `extra["epoch"]`). The model's classes and the set's
+C is a checkpoint directory (holding `model.pt`), a training run directory, meaning its
+latest checkpoint (the highest `checkpoint_epoch_NNNN` holding a `model.pt`), or a model
+file; a local path or a URL (s3://, gs://: where cluster runs keep their checkpoints). The model's classes and the set's
 are matched by name; only classes both have are evaluated, and the report says so.
 
 On several workers (WORLD_SIZE and RANK set, as under torchrun, or inside a Ray Train
@@ -30,7 +31,15 @@ import yaml
 from torch import nn
 
 from scn_scale import report as plots
-from scn_scale.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_FILE, TABLE_FILE, CheckpointError, read_metrics
+from scn_scale.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    TABLE_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    read_metrics,
+)
 from scn_scale.data import shard_loader
 from scn_scale.model import SCNModel, SCNOutput
 from scn_scale.noise import load_ground_truth
@@ -39,6 +48,7 @@ from scn_scale.relabel_table import RelabelTable
 from scn_scale.weights import load_model_file
 from shards import ShardSet, index_map, open_shard_set
 from shards.atomic import write_json, write_parquet
+from shards.fs import join, open_fs
 
 log = logging.getLogger(__name__)
 
@@ -63,42 +73,44 @@ class EvalConfig:
 # -- checkpoints -----------------------------------------------------------------------
 
 
-def _epoch_of(model_file: Path) -> int:
-    # mmap: reading the small `extra` does not load every tensor of every checkpoint.
-    obj = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
-    epoch = obj.get("extra", {}).get("epoch") if isinstance(obj, dict) else None
-    if not isinstance(epoch, int):
-        raise CheckpointError(f"{model_file}: no integer extra['epoch'], so it cannot be ordered among checkpoints")
-    return epoch
-
-
-def find_model_file(path: str | Path) -> Path:
-    """The model file that `path` means: itself, `path/model.pt`, or a run's latest checkpoint's."""
-    path = Path(path)
-    if path.is_file():
+def find_model_file(path: str | Path) -> str:
+    """The model file that `path` (a local path or a URL) means: itself, `path/model.pt`, or
+    the model file of a run's latest checkpoint."""
+    path = str(path).rstrip("/")
+    fs, fs_path = open_fs(path)
+    if fs.isfile(fs_path):
         return path
-    if (path / MODEL_FILE).is_file():
-        return path / MODEL_FILE
-    if not path.is_dir():
+    if fs.isfile(join(fs_path, MODEL_FILE)):
+        return join(path, MODEL_FILE)
+    if not fs.isdir(fs_path):
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    candidates = sorted(path.rglob(MODEL_FILE))
-    if not candidates:
+    latest = latest_checkpoint(path, holding=MODEL_FILE)
+    if latest is None:
         raise CheckpointError(f"{path}: holds no {MODEL_FILE} (neither a checkpoint nor a run directory)")
-    return max(candidates, key=lambda p: (_epoch_of(p), str(p)))
+    return join(latest, MODEL_FILE)
 
 
-def find_run_dir(model_file: Path) -> Path | None:
+def _parent(path: str) -> str | None:
+    """The directory above `path` (a local path or a URL), None at the top."""
+    head = path.rsplit("/", 1)[0]
+    return None if head == path or not head or head.endswith(":/") else head
+
+
+def find_run_dir(model_file: str) -> str | None:
     """The run directory above a checkpoint: the nearest parent holding metrics.jsonl."""
-    for parent in model_file.parents:
-        if (parent / METRICS_FILE).is_file():
+    parent = _parent(model_file)
+    while parent is not None:
+        fs, fs_path = open_fs(join(parent, METRICS_FILE))
+        if fs.isfile(fs_path):
             return parent
+        parent = _parent(parent)
     return None
 
 
-def load_checkpoint(path: str | Path) -> tuple[SCNModel, list[str], dict, Path]:
+def load_checkpoint(path: str | Path) -> tuple[SCNModel, list[str], dict, str]:
     """(model in eval mode, its classes, its extra, the model file) for a checkpoint or run path."""
     model_file = find_model_file(path)
-    model, classes, extra = load_model_file(str(model_file))
+    model, classes, extra = load_model_file(model_file)
     log.info("loaded %s (classes %s, epoch %s)", model_file, classes, extra.get("epoch"))
     return model.eval(), classes, extra, model_file
 
@@ -229,7 +241,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
 
 
 def write_report(
-    result: dict, pred: Predictions, noisy_keys: set[str] | None, model_file: Path, cfg: EvalConfig
+    result: dict, pred: Predictions, noisy_keys: set[str] | None, model_file: str, cfg: EvalConfig
 ) -> None:
     """predictions.parquet, the plots, then report.json and report.md (which name the plots) into cfg.out."""
     out = Path(cfg.out)
@@ -241,13 +253,13 @@ def write_report(
     noisy_mask = None if noisy_keys is None else np.array([k in noisy_keys for k in pred.keys], dtype=bool)
     plots.plot_alpha(pred.alpha, out / plots.ALPHA_PNG, noisy_mask)
 
-    run_dir = Path(cfg.run) if cfg.run else find_run_dir(model_file)
+    run_dir = cfg.run or find_run_dir(model_file)
     if run_dir is not None:
         run = result["run"] = run_summary(run_dir, model_file, cfg.shards)
         plots.plot_epochs(run["epochs"], out / plots.EPOCHS_PNG, run["selection_split"], run["best"]["epoch"],
                           run["last"]["epoch"])
         result["plots"]["epochs"] = plots.EPOCHS_PNG
-    relabel = relabel_summary(model_file.parent, result["model_classes"])
+    relabel = relabel_summary(_parent(model_file) or ".", result["model_classes"])
     if relabel is not None:
         result["relabel"] = relabel
         plots.plot_flow(relabel["flow"], relabel["classes"], out / plots.FLOW_PNG)
@@ -287,10 +299,10 @@ def _write_predictions(pred: Predictions, classes: list[str], path: Path) -> Non
 # -- training runs ---------------------------------------------------------------------
 
 
-def run_summary(run_dir: Path, model_file: Path, shards: str) -> dict:
+def run_summary(run_dir: str, model_file: str, shards: str) -> dict:
     """Validation accuracy per epoch from the run's metrics file; the best epoch (highest validation
     accuracy, the earliest on a tie) and the last, with the set the best was selected on named."""
-    lines = read_metrics(str(run_dir))
+    lines = read_metrics(run_dir)
     if not lines:
         raise CheckpointError(f"{run_dir}: {METRICS_FILE} holds no epoch")
     epochs = [
@@ -298,31 +310,38 @@ def run_summary(run_dir: Path, model_file: Path, shards: str) -> dict:
         for m in lines
     ]
     best = max(epochs, key=lambda e: (e["accuracy"], -e["epoch"]))
-    config = model_file.parent / CONFIG_FILE
-    val_shards = str(yaml.safe_load(config.read_text())["val_shards"]) if config.is_file() else ""
+    fs, config = open_fs(join(_parent(model_file) or ".", CONFIG_FILE))
+    val_shards = str(yaml.safe_load(fs.read_text(config))["val_shards"]) if fs.isfile(config) else ""
     return {
-        "dir": str(run_dir),
+        "dir": run_dir,
         "selection_split": "validation set",
         "selection_shards": val_shards,
         # The released SCN code selected on its test set; when that is the case here, the report says so.
-        "selected_on_evaluated_set": bool(val_shards) and Path(val_shards).resolve() == Path(shards).resolve(),
+        "selected_on_evaluated_set": bool(val_shards) and _same_place(val_shards, shards),
         "best": best,
         "last": epochs[-1],
         "epochs": epochs,
     }
 
 
-def relabel_summary(checkpoint_dir: Path, classes: list[str]) -> dict | None:
+def _same_place(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def relabel_summary(checkpoint_dir: str, classes: list[str]) -> dict | None:
     """Original -> current label counts of the relabeled samples in the checkpoint's relabel table."""
-    path = checkpoint_dir / TABLE_FILE
-    if not path.is_file():
+    path = join(checkpoint_dir, TABLE_FILE)
+    fs, fs_path = open_fs(path)
+    if not fs.isfile(fs_path):
         return None
-    columns = RelabelTable.load(str(path)).to_pydict()
+    columns = RelabelTable.load(path).to_pydict()
     flow = np.zeros((len(classes), len(classes)), dtype=np.int64)
     for original, current in zip(columns["original_label"], columns["current_label"]):
         if original != current:
             flow[original, current] += 1
-    return {"table": str(path), "changed": int(flow.sum()), "flow": flow.tolist(), "classes": classes}
+    return {"table": path, "changed": int(flow.sum()), "flow": flow.tolist(), "classes": classes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,10 @@ def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
         _check_overrides(cfg, len(train_set.classes))
     if cfg.init:
         _check_init(cfg, train_set.classes)
+    try:
+        checkpoint.check_resume(cfg, checkpoint.run_dir(storage_path(cfg.out_dir), cfg.run_name))
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(str(e)) from e
     return ds, train_set.classes
 
 

@@ -21,6 +21,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import fsspec
 import torch
 from torch import Tensor
 
@@ -182,8 +183,10 @@ def _carry_rows(
 
 
 def _read(path: str) -> Any:
+    """A weights file from a local path or a URL (s3://, gs://: runs keep their checkpoints in object storage)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with fsspec.open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise WeightLoadError(f"{path} cannot be loaded with weights_only=True (it holds more than tensors and plain types): {e}") from e
 

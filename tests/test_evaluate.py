@@ -140,12 +140,16 @@ def test_set_classes_the_model_lacks_are_left_out_and_noisy_alpha_split(tmp_path
 
 
 def test_latest_checkpoint_of_a_run(tmp_path: Path) -> None:
+    from scn_scale.checkpoint import checkpoint_dir_name
+
     run = tmp_path / "run"
-    for epoch, name in ((1, "checkpoint_000000"), (3, "checkpoint_000002"), (2, "checkpoint_000001")):
-        (run / name).mkdir(parents=True)
-        save_checkpoint(run / name, list(BASIC7), epoch=epoch)
-    assert find_model_file(run) == run / "checkpoint_000002" / "model.pt"
-    assert find_model_file(run / "checkpoint_000001") == run / "checkpoint_000001" / "model.pt"
+    for epoch in (9, 10, 2):  # by epoch number, not by name order
+        (run / checkpoint_dir_name(epoch)).mkdir(parents=True)
+        save_checkpoint(run / checkpoint_dir_name(epoch), list(BASIC7), epoch=epoch)
+    (run / checkpoint_dir_name(11)).mkdir()  # a checkpoint still being written: no model file yet
+    assert find_model_file(run) == str(run / "checkpoint_epoch_0010" / "model.pt")
+    assert find_model_file(f"{run}/") == str(run / "checkpoint_epoch_0010" / "model.pt")
+    assert find_model_file(run / "checkpoint_epoch_0002") == str(run / "checkpoint_epoch_0002" / "model.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no model.pt"):
         find_model_file(tmp_path / "empty")

@@ -294,6 +294,14 @@ def test_starting_the_same_run_again_resumes_it(run_a: list[dict], runs: Path) -
 
 
 @pytest.mark.slow
+def test_a_run_does_not_resume_under_another_data_order(capsys, run_a: list[dict], runs: Path, data: Data) -> None:
+    err = _error(capsys, _args(data, runs, "a", "epochs=5", "seed=1", "batch_size=8"))
+    assert f"run {runs / 'a'} resumes from" in err and checkpoint.checkpoint_dir_name(4) in err
+    assert "trained with seed=0, batch_size=16; this start asks for seed=1, batch_size=8" in err
+    assert [m["epoch"] for m in checkpoint.read_metrics(str(runs / "a"))] == [1, 2, 3, 4]  # nothing was touched
+
+
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_make_the_same_table(run_a: list[dict], run_failing: list[dict]) -> None:
     """Epochs 1-3 ran uninterrupted in both runs; epoch 4 resumed from epoch 3's checkpoint in both,
     after a clean stop in one and a worker failure in the other: model, optimizer, data order and

@@ -18,9 +18,13 @@ from typing import Iterator
 import pytest
 
 from scn_scale import checkpoint
+from scn_scale.config import ModelConfig
+from scn_scale.evaluate import EvalConfig, evaluate
+from scn_scale.model import build_model
 from scn_scale.noise import make_noise, save_overrides
 from scn_scale.relabel_table import RelabelTable
-from scn_scale.weights import load_model_file
+from scn_scale.train import main as train_main
+from scn_scale.weights import load_model_file, load_weights
 from shards import read_manifest
 from ray_cluster import ray_cluster
 from tests.conftest import S3, write_shard_set
@@ -40,7 +44,7 @@ def cluster(s3: S3) -> Iterator[tuple[str, dict]]:
         yield c.dashboard_url, c.env
 
 
-def test_ray_job_submit_two_nodes_zero2(cluster: tuple[str, dict], s3: S3, tmp_path: Path) -> None:
+def test_ray_job_submit_two_nodes_zero2(cluster: tuple[str, dict], s3: S3, tmp_path: Path, capsys, monkeypatch) -> None:
     address, env = cluster
     local = tmp_path / "data"
     write_shard_set(local / "train", [16] * 4, classes=CLASSES, seed=1)
@@ -77,3 +81,19 @@ def test_ray_job_submit_two_nodes_zero2(cluster: tuple[str, dict], s3: S3, tmp_p
     ]
     _, classes, extra = load_model_file(str(final / checkpoint.MODEL_FILE))
     assert classes == list(CLASSES) and extra["epoch"] == 2
+
+    # What comes next, straight from the bucket: evaluate the run (its latest checkpoint),
+    # fine-tune from its model file; restarting it under another data order is refused.
+    run = f"{out_dir}/{run_name}"
+    last = f"{run}/{checkpoint.checkpoint_dir_name(2)}"
+    assert checkpoint.latest_checkpoint(run) == last
+    report = evaluate(EvalConfig(checkpoint=run, shards=f"{data}/val", out=str(tmp_path / "eval"), loader_workers=0))
+    assert report["checkpoint"] == f"{last}/{checkpoint.MODEL_FILE}" and report["samples"] == 16
+    assert report["run"]["dir"] == run and report["run"]["last"]["epoch"] == 2
+    assert report["run"]["selected_on_evaluated_set"]  # its config.yaml, read from the bucket, names that set
+    assert report["relabel"]["changed"] == lines[-1]["relabels_total"]
+    loaded = load_weights(build_model(ModelConfig(), len(CLASSES)), f"{last}/{checkpoint.MODEL_FILE}", CLASSES)
+    assert not loaded.missing and not loaded.mismatched
+    monkeypatch.chdir(REPO)  # the job's relative config paths
+    assert train_main([*cmd[cmd.index("--config"):], "seed=1"]) == 2
+    assert "trained with seed=0; this start asks for seed=1" in capsys.readouterr().err
