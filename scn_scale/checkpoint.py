@@ -8,7 +8,8 @@ table can never come from different epochs:
     relabel_table.parquet      the relabel table after the epoch's merge
     config.yaml                the resolved TrainConfig
     classes.json               the class names, in output order
-    model.pt                   plain weights (scn_scale.weights), loads with weights_only=True
+    model.pt                   plain fp32 weights (scn_scale.weights; a bf16 engine's fp32
+                               master weights), loads with weights_only=True
     state.json                 epoch, tag, table digest, world size; written last
 
 There is no separate scheduler or RNG state to save: the learning rate is a function of
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+import torch
 import yaml
+from torch import Tensor
 
 from scn_scale.config import TrainConfig, config_to_dict, save_config
 from scn_scale.relabel_table import RelabelTable
@@ -123,13 +127,14 @@ def save(
     tag = deepspeed_tag(epoch)
     digest = table.digest()
     engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=tag, client_state={"epoch": epoch, "table_digest": digest})
+    masters = master_weights(engine)
     if rank != 0:
         return
     table.save(os.path.join(directory, TABLE_FILE))
     save_config(cfg, os.path.join(directory, CONFIG_FILE))
     write_json(os.path.join(directory, CLASSES_FILE), list(classes))
     extra = {"epoch": epoch, "run_name": cfg.run_name, "method": cfg.method, "image_size": cfg.image_size, "table_digest": digest}
-    save_model_file(os.path.join(directory, MODEL_FILE), engine.module, classes, extra=extra)
+    save_model_file(os.path.join(directory, MODEL_FILE), engine.module, classes, extra=extra, tensors=masters)
     state = {
         "epoch": epoch,
         "tag": tag,
@@ -141,6 +146,34 @@ def save(
         "data_order": "shards dealt by (seed, epoch); torch reseeded from (seed, epoch, rank) each epoch",
     }
     write_json(os.path.join(directory, STATE_FILE), state)
+
+
+def master_weights(engine: DeepSpeedEngine) -> dict[str, Tensor]:
+    """Each parameter's fp32 master copy, where the engine keeps one apart from the module's
+    (bf16 engines): the plain model file then holds what training updated, not its bf16
+    rounding. A collective under ZeRO (each rank holds a partition): every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if not engine.bfloat16_enabled():
+        return {}
+    return {name: safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}
+
+
+def _load_weights_only(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's checkpoint-engine `load`, with weights_only=True.
+
+    DeepSpeed loads its own files with weights_only=False, which runs whatever a file
+    pickled; its files hold tensors, plain types and the DeepSpeed state classes allowed here.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds more than tensors, plain types and DeepSpeed's state classes: {e}") from e
 
 
 @dataclass
@@ -161,6 +194,9 @@ def read_state(directory: str) -> dict:
 def load(directory: str, engine: DeepSpeedEngine, world_size: int) -> Restored:
     """Restore model, optimizer and relabel table from the local checkpoint `directory` into `engine`.
 
+    DeepSpeed reads its files through the engine's checkpoint engine, which is made to load
+    with weights_only=True here: a checkpoint cannot run code when it is resumed.
+
     DeepSpeed's `load_checkpoint` returns (None, None) without raising when the `latest`
     file is missing and fails an assertion on a missing tag, so the tag is explicit and
     checked first; the table must match the digest recorded beside the model.
@@ -175,6 +211,7 @@ def load(directory: str, engine: DeepSpeedEngine, world_size: int) -> Restored:
     missing = CheckpointError(f"{directory}: no DeepSpeed checkpoint with tag {state['tag']!r}")
     if not os.path.isdir(os.path.join(deepspeed_dir, state["tag"])):
         raise missing  # DeepSpeed itself fails an assertion on a missing tag
+    engine.checkpoint_engine.load = _load_weights_only  # every file DeepSpeed reads below
     path, client_state = engine.load_checkpoint(deepspeed_dir, tag=state["tag"])
     if path is None:
         raise missing

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import fsspec
 import torch
@@ -62,19 +62,28 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def save_model_file(path: str, model: SCNModel, classes: Sequence[str], extra: dict | None = None) -> None:
+def save_model_file(
+    path: str,
+    model: SCNModel,
+    classes: Sequence[str],
+    extra: dict | None = None,
+    tensors: Mapping[str, Tensor] | None = None,
+) -> None:
     """Write the plain model file: loadable with weights_only=True, without DeepSpeed or Ray.
 
     `extra` must hold only plain types (numbers, strings, lists, dicts, tensors).
+    `tensors` replace the model's own by name (a bf16 engine's fp32 master weights).
+    Floating-point tensors are stored in fp32 whatever precision trained them.
     """
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
+    state = {**model.state_dict(), **(tensors or {})}
     obj = {
         "format": FORMAT,
         "version": VERSION,
         "backbone": model.backbone_name,
         "classes": list(classes),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: (v.float() if v.is_floating_point() else v).detach().cpu() for k, v in state.items()},
         "extra": dict(extra or {}),
     }
     with atomic_path(path) as tmp:

@@ -121,5 +121,35 @@ def test_bf16_engine_with_batchnorm_trains_and_saves_a_model_file(one_rank, tmp_
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as the loop runs a bf16 forward
         _step(engine, cfg, seed=0)
     checkpoint.save(str(tmp_path), engine, epoch=1, table=RelabelTable(), cfg=cfg, classes=CLASSES, rank=0, world_size=1)
+    # The model file holds the fp32 master weights the optimizer updates, not the module's bf16 copy.
+    masters = checkpoint.master_weights(engine)
+    assert masters.keys() == dict(engine.module.named_parameters()).keys()
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())  # finer than bf16
+    obj = torch.load(tmp_path / checkpoint.MODEL_FILE, weights_only=True)
+    assert all(v.dtype == torch.float32 for v in obj["state_dict"].values() if v.is_floating_point())
     model, _, _ = load_model_file(str(tmp_path / checkpoint.MODEL_FILE))
-    assert all(torch.equal(v, engine.module.state_dict()[k].float()) for k, v in model.state_dict().items() if v.is_floating_point())
+    module = engine.module.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, masters[name] if name in masters else module[name].to(value.dtype)), name
+
+
+class _Planted:
+    """Unpickling this creates a file: the proof that a load ran code from the checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_deepspeed_files_load_with_weights_only(saved, tmp_path: Path) -> None:
+    _, engine, _, directory, _ = saved
+    bad = Path(shutil.copytree(directory, tmp_path / "copy"))
+    planted = tmp_path / "code-ran"
+    optim = next((bad / checkpoint.DEEPSPEED_DIR).glob("*/*optim_states.pt"))
+    state = torch.load(optim, weights_only=False)  # our own file, as written a moment ago
+    torch.save({**state, "extra": _Planted(planted)}, optim)
+    with pytest.raises(checkpoint.CheckpointError, match="holds more than tensors"):
+        checkpoint.load(str(bad), engine, world_size=1)
+    assert not planted.exists()
