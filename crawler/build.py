@@ -481,8 +481,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="the URL list for --provider urllist (csv, tsv, jsonl, parquet: url,label[,query])")
     p.add_argument("--out", required=True, help="output directory (the shard set and the crawl's state)")
     p.add_argument("--faces", choices=("mtcnn", "haar", "none"), help="face detector (default mtcnn)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
-                   help="a host, address or network exempt from the private-address refusal (repeatable)")
+    p.add_argument("--allow-host", action="extend", nargs="+", default=[], metavar="HOST",
+                   help="hosts, addresses or networks exempt from the private-address refusal (one or more; repeatable)")
     p.add_argument("--allow-youtube", action="store_true",
                    help="opt in to --provider youtube (YouTube's terms restrict downloading; needs scn-scale[video])")
     p.add_argument("--resume", action="store_true", help="continue the crawl already in --out")

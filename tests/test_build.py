@@ -207,10 +207,11 @@ def test_settings_from_file_flags_and_set(tmp_path: Path) -> None:
     config.write_text("fetch:\n  timeout_s: 3\n  allow_hosts: [10.0.0.0/8]\nfaces:\n  min_score: 0.8\nwork_shard_size: 7\n")
     args = build.parser().parse_args([
         "--provider", "urllist", "--input", "x.csv", "--out", "o", "--config", str(config), "--faces", "haar",
-        "--allow-host", "127.0.0.1", "--set", "fetch.retries=5", "--set", "conflicts=first", "--workers", "3"])
+        "--allow-host", "127.0.0.1", "127.0.0.2", "--set", "fetch.retries=5", "--set", "conflicts=first",
+        "--allow-host", "::1", "--workers", "3"])
     cfg = build.config_from_args(args)
     assert cfg.pipeline.fetch.timeout_s == 3.0 and cfg.pipeline.fetch.retries == 5
-    assert cfg.pipeline.fetch.allow_hosts == ("10.0.0.0/8", "127.0.0.1")
+    assert cfg.pipeline.fetch.allow_hosts == ("10.0.0.0/8", "127.0.0.1", "127.0.0.2", "::1")
     assert cfg.pipeline.faces.mode == "haar" and cfg.pipeline.faces.min_score == 0.8
     assert cfg.pipeline.conflicts == "first" and cfg.work_shard_size == 7 and cfg.distribute.workers == 3
     # A URL list is crawled whole; a search API is asked 200 results per query unless told otherwise.
