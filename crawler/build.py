@@ -286,7 +286,9 @@ def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any],
     size = cfg.work_shard_size
     num_shards = (len(rows) + size - 1) // size
     done = {i for i in range(num_shards) if _work_paths(out, i)[1].exists()}
-    tasks = [(i, rows[i * size:(i + 1) * size], cfg.pipeline) for i in range(num_shards) if i not in done]
+    # Each task fetches with its share of the per-host budget, so the whole crawl keeps to it.
+    pipeline = dataclasses.replace(cfg.pipeline, fetch=cfg.pipeline.fetch.shared_by(runner.parallel))
+    tasks = [(i, rows[i * size:(i + 1) * size], pipeline) for i in range(num_shards) if i not in done]
     fresh = sum(len(t[1]) for t in tasks)
     log.info("%d candidates in %d work shards; %d already done", len(rows), num_shards, len(done))
     crawl_start = time.monotonic()

@@ -60,6 +60,9 @@ class DistributeConfig:
 
 
 class Runner(Protocol):
+    #: Tasks that may run at the same time (what a per-host budget is shared among).
+    parallel: int
+
     def run(self, fn: Callable[..., Any], tasks: Sequence[tuple]) -> Iterator[Any]: ...
 
     def close(self) -> None: ...
@@ -83,6 +86,8 @@ class _Context:
 
 
 class InProcess(_Context):
+    parallel = 1
+
     def run(self, fn: Callable[..., Any], tasks: Sequence[tuple]) -> Iterator[Any]:
         return (fn(*args) for args in tasks)
 
@@ -97,6 +102,7 @@ def _ready() -> bool:
 class LocalProcesses(_Context):
     def __init__(self, config: DistributeConfig) -> None:
         self.limit = config.max_in_flight or 2 * config.workers
+        self.parallel = min(config.workers, self.limit)
         self.pool = ProcessPoolExecutor(max_workers=config.workers, mp_context=multiprocessing.get_context("spawn"))
         for _ in range(config.workers):  # start every worker now, not on the first task
             self.pool.submit(_ready)
@@ -145,10 +151,16 @@ class RayTasks(_Context):
             ray.init(**kwargs)
             self._started = True
 
+    @property
+    def parallel(self) -> int:
+        """Tasks the cluster's CPUs run at once (at most max_in_flight); read when asked, as clusters scale."""
+        slots = max(1, int(self._ray.cluster_resources().get("CPU", 1) / self.config.cpus_per_task))
+        return min(slots, self.config.max_in_flight) if self.config.max_in_flight else slots
+
     def run(self, fn: Callable[..., Any], tasks: Sequence[tuple]) -> Iterator[Any]:
         ray, cfg = self._ray, self.config
         remote = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=cfg.max_retries)(fn)
-        limit = cfg.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
+        limit = cfg.max_in_flight or 2 * self.parallel
         pending = iter(tasks)
         running: list = []
         try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import re
@@ -90,6 +91,19 @@ class FetchConfig:
             raise ValueError("fetch setting user_agent must not be empty")
         AllowList.parse(self.allow_hosts)  # raises on a malformed entry
         return self
+
+    def shared_by(self, fetchers: int) -> "FetchConfig":
+        """This config with its per-host budget split among `fetchers` fetch stages running at once
+        (worker processes, Ray tasks), so the crawl as a whole keeps to it: each gets 1/n of the
+        rate and burst and of the connections (at least one connection each)."""
+        if fetchers <= 1:
+            return self
+        return dataclasses.replace(
+            self,
+            per_host_concurrency=max(1, self.per_host_concurrency // fetchers),
+            per_host_rate=self.per_host_rate / fetchers,
+            per_host_burst=max(1, self.per_host_burst // fetchers),
+        )
 
 
 @dataclass
@@ -208,12 +222,13 @@ def _wake(waiters: list[asyncio.Future]) -> None:
 
 
 class HostLimits:
-    """Per-host concurrency slots and token buckets, created on first use."""
+    """Per-host concurrency slots (for one event loop) and token buckets (given, so that they
+    outlive the loop: a process's next work shard inherits its rate state and pauses)."""
 
-    def __init__(self, config: FetchConfig) -> None:
+    def __init__(self, config: FetchConfig, buckets: dict[str, "_Bucket"]) -> None:
         self.config = config
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets = buckets
 
     def _bucket(self, host: str) -> _Bucket:
         if host not in self._buckets:
@@ -243,6 +258,7 @@ class Fetcher:
         self.config = (config or FetchConfig()).validate()
         self.allow = AllowList.parse(self.config.allow_hosts)
         self.token = agent_token(self.config.user_agent)
+        self.buckets: dict[str, _Bucket] = {}  # per host, across every run of this fetcher
 
     # -- the synchronous face ----------------------------------------------------------
 
@@ -322,7 +338,7 @@ class Fetcher:
     async def run(self, urls: Sequence[str], emit, slots: "_Gate | asyncio.Semaphore | None" = None) -> None:
         """Fetch `urls` with `concurrency` workers, calling `emit((index, result))` for each."""
         pending = iter(enumerate(urls))
-        limits = HostLimits(self.config)
+        limits = HostLimits(self.config, self.buckets)
         async with self.session() as session:
 
             async def worker() -> None:

@@ -232,6 +232,30 @@ def test_per_host_limits(server) -> None:
     assert time.monotonic() - start >= 8 / 20 * 0.9  # 9 requests, one token every 50 ms
 
 
+def test_a_per_host_budget_is_shared_by_the_fetchers_running_at_once() -> None:
+    cfg = FetchConfig(per_host_concurrency=8, per_host_rate=10.0, per_host_burst=10)
+    assert cfg.shared_by(1) is cfg
+    shared = cfg.shared_by(3)
+    assert (shared.per_host_concurrency, shared.per_host_rate, shared.per_host_burst) == (2, 10.0 / 3, 3)
+    many = cfg.shared_by(20)
+    assert (many.per_host_concurrency, many.per_host_burst) == (1, 1) and many.per_host_rate == 0.5
+
+
+def test_worker_processes_keep_together_to_the_per_host_limit(server, tmp_path) -> None:
+    """Two crawl worker processes, each fetching its own work shards, never hold more connections
+    to one host than the crawl's per-host limit."""
+    from crawler import build
+
+    base, rec = server
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,label\n" + "".join(f"{base}/img/{i}?delay=0.2,happiness\n" for i in range(24)))
+    assert build.main([
+        "--provider", "urllist", "--input", str(urls), "--out", str(tmp_path / "out"), "--faces", "none",
+        "--allow-host", "127.0.0.1", "--workers", "2", "--work-shard-size", "6", "--no-progress",
+        "--set", "fetch.per_host_concurrency=2", "--set", "fetch.per_host_rate=0"]) == 0
+    assert sum(rec.hits.values()) == 24 and rec.max_in_flight <= 2
+
+
 def test_byte_cap(server) -> None:
     base, _ = server
     (big,) = fetch([f"{base}/img/{'x' * 50}"], max_bytes=100)
