@@ -3,8 +3,8 @@
 Nothing here reaches the internet, so the crawler's demo and tests crawl this instead.
 It answers `GET /v1/images/?q=&page=&page_size=` in Openverse's format and serves the
 images at `/images/<id>.<ext>`. A query's text is matched to a class through the
-built-in taxonomy (crawler/default_queries.yaml); its results are that class's images
-plus a share `noise` drawn from other classes, the label noise of real web search.
+built-in taxonomy (crawler/default_queries.yaml); a share `noise` of its results shows
+other classes, the label noise of real web search (each image is listed under one query).
 Some served URLs are broken (404), slow (the body trickles over `slow_seconds`), or
 not images (HTML sent as image/jpeg); some images appear a second time under another
 id (`duplicates`). Everything follows from the corpus and the seed: ids depend on the
@@ -133,14 +133,7 @@ class Catalog:
                 height=height,
                 filesize=path.stat().st_size,
             )
-        self.results: dict[str, list[str]] = {}
-        for cls in CANONICAL:
-            own = [i for i, im in self.images.items() if im.true_class == cls]
-            if not own:
-                continue
-            others = [i for i, im in self.images.items() if im.true_class != cls and im.duplicate_of is None]
-            wanted = round(settings.noise / (1 - settings.noise) * len(own))
-            self.results[cls] = own + rng.sample(others, min(wanted, len(others)))
+        self.results = _list_under_classes(self.images, settings.noise, rng)
         self._ranked: dict[str, list[str]] = {}
 
     def search(self, text: str) -> list[WebImage]:
@@ -177,6 +170,37 @@ class Catalog:
                 "noise": noise,
             }
         return {"base_url": base_url, "settings": asdict(self.settings), "images": images}
+
+
+def _list_under_classes(images: Mapping[str, WebImage], noise: float, rng: random.Random) -> dict[str, list[str]]:
+    """Which class's search lists each image: every image under one class, so that a share
+    `noise` of each class's results shows another class.
+
+    Each class gives `round(noise * n)` of its n images to the searches of other classes and
+    receives as many back, dealt to the class most short of them. An image is found under a
+    wrong query only, as on the web, not also under its own (where a crawler would see a
+    conflict between two queries and could set it aside).
+    """
+    own = {cls: sorted(i for i, im in images.items() if im.true_class == cls) for cls in CANONICAL}
+    results = {cls: list(ids) for cls, ids in own.items() if ids}
+    given: list[str] = []
+    short: dict[str, int] = {}
+    for cls, ids in results.items():
+        moved = rng.sample(ids, round(noise * len(ids)))
+        given += moved
+        short[cls] = len(moved)
+        results[cls] = [i for i in ids if i not in set(moved)]
+    rng.shuffle(given)
+    for image_id in given:
+        true = images[image_id].true_class
+        others = [c for c in results if c != true]
+        if not others:  # a corpus of one class has no other query to list it under
+            results[true].append(image_id)
+            continue
+        target = max(others, key=lambda c: (short[c], -CANONICAL.index(c)))
+        short[target] -= 1
+        results[target].append(image_id)
+    return results
 
 
 def read_corpus(corpus: Path) -> list[tuple[str, str]]:
