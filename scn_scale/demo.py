@@ -44,7 +44,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -498,12 +498,6 @@ class Demo:
             "crawler.build", "--provider", "localweb", "--api-base", self.web_url, "--out", p.crawl,
             "--faces", "none", "--allow-host", "127.0.0.1", "--workers", 2,
             "--max-shard-samples", s.shard_samples,
-            # The embedded web lists every image under its own class too, so an image served for
-            # another class's query is always a conflict, and the default policy (skip) would drop
-            # every noisy result. Keeping conflicts lets the web's label noise reach the shards, as
-            # on the real web; their label is the first of their classes in canonical order, so the
-            # noise falls more on early classes (neutral most, contempt never): the report shows it.
-            "--conflicts", "first",
             # Our own server on loopback: no politeness limit (the default is 10 requests/s per host).
             "--set", "fetch.per_host_rate=0",
             # The web's duplicates are byte copies (the exact stage drops them). Synthetic faces share
@@ -795,12 +789,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_demo(out: str | Path, scale: DemoScale, config: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+def run_demo(
+    out: str | Path, scale: DemoScale, config: Path = DEFAULT_CONFIG, on_cleanup: Callable[[], None] = lambda: None
+) -> dict[str, Any]:
     """Run the demo into `out`; returns its results (also in out/report/results.json).
 
     Whatever happens (a failure, an interrupt turned into an exception by the caller),
     every child is stopped before this returns or raises, and out/logs/processes.json
-    records what was started and whether anything was left running.
+    records what was started and whether anything was left running. `on_cleanup` is called
+    when the stopping begins (the CLI then lets no signal cut it short).
     """
     out = Path(out).resolve()
     prepare_out(out)
@@ -809,6 +806,7 @@ def run_demo(out: str | Path, scale: DemoScale, config: Path = DEFAULT_CONFIG) -
     try:
         return demo.run()
     finally:
+        on_cleanup()
         sup.stop_all()
         left = sup.leftovers()
         write_json(out / "logs" / "processes.json", {"children": sup.record(), "left_running": left})
@@ -852,20 +850,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    interrupted: list[str] = []
+    stopping: list[str] = []  # set by the first signal, or when the demo starts stopping its children
 
     def interrupt(signum: int, frame: Any) -> None:
-        # The first signal unwinds the demo; later ones must not cut its clean-up short.
+        # The first signal unwinds the demo; none may cut its clean-up short, however it began.
         name = signal.Signals(signum).name
-        if interrupted:
+        if stopping:
             print(f"\n{name}: still stopping the demo's processes, please wait", file=sys.stderr, flush=True)
             return
-        interrupted.append(name)
+        stopping.append(name)
         raise Interrupted(name)
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        results = run_demo(args.out, SCALES[args.scale], Path(args.config))
+        results = run_demo(args.out, SCALES[args.scale], Path(args.config), on_cleanup=lambda: stopping.append("cleanup"))
     except Interrupted as exc:
         print(f"\ninterrupted ({exc}): every process the demo started has been stopped", file=sys.stderr)
         return 130
