@@ -99,8 +99,8 @@ class DemoScale:
 
 
 SCALES: dict[str, DemoScale] = {
-    # Under 15 minutes on 2 cores (measured; see the README). relabel_epoch leaves SCN a few
-    # epochs to fit the clean majority first and a few to relabel.
+    # Under 15 minutes on 2 cores (measured; see the README). relabel_epoch: half the epochs
+    # without relabeling, half with (cluster/configs/demo.yaml says what SCN has learnt by then).
     "default": DemoScale(
         name="default", pool_per_class=140, test_per_class=40, rafdb_per_class=70, epochs=8, relabel_epoch=5,
         finetune_epochs=4, finetune_relabel_epoch=3, image_size=64, batch_size=32, shard_samples=16,
