@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes for each tool")
     parser.add_argument("--mtcnn-images", type=int, default=400, help="images for the MTCNN run (0: skip)")
-    parser.add_argument("--repeats", type=int, default=1, help="best of N runs of each tool")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N runs of each tool")
     parser.add_argument("--i2d-venv", default="/tmp/i2d-venv")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "crawl"))
     args = parser.parse_args(argv)
