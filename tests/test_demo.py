@@ -25,6 +25,8 @@ from PIL import Image
 from scn_scale import demo, demo_report
 from scn_scale.checkpoint import read_metrics
 from scn_scale.noise import load_ground_truth, load_overrides
+from shards import BASIC7, CANONICAL
+from tests.test_evaluate import check_report_against_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +140,10 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert yaml.safe_load((ckpt / "config.yaml").read_text())["init"] == str(demo.final_model(out / "runs" / "scn"))
     ckpt = Path(results["runs"]["finetune-scratch"]["model"]).parent
     assert yaml.safe_load((ckpt / "config.yaml").read_text())["init"] == ""
+    # Trained on a shard set (the crawl), fine-tuned on the RAF-DB layout, evaluated: every report's
+    # numbers are a recount of its predictions file, and its pictures open.
+    for name in demo.RUNS:
+        check_report_against_predictions(out / "eval" / name, BASIC7 if name.startswith("finetune") else CANONICAL)
 
     # The relabel audit is the trainer's own audit of its last epoch; the alpha split covers the crawl.
     last = read_metrics(str(out / "runs" / "scn"))[-1]
