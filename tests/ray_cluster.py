@@ -26,7 +26,7 @@ WAIT_FOR_NODES = (
     "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
     "t = time.time()\n"
     "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]):\n"
-    "    assert time.time() - t < 120, ray.nodes()\n"
+    "    assert time.time() - t < 60, ray.nodes()\n"
     "    time.sleep(0.5)\n"
 )
 
@@ -68,6 +68,41 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _start_node(i: int, address: str | None, cpus: int, temp: str, env: dict[str, str]) -> tuple[subprocess.Popen, str, int]:
+    """Start node i (0: the head) and wait until the cluster counts it; (process, GCS address, dashboard port).
+
+    Ports are found free and then handed to Ray, which binds them a moment later; another process
+    can take one in between (Ray's own workers pick ports at random), and the node's agent then
+    fails to start. So a node that is not counted within a minute is stopped and started again
+    on fresh ports, up to three times.
+    """
+    ip = f"127.0.0.{2 + i}"
+    for attempt in range(3):
+        agent = free_ports(4)
+        common = [f"--node-ip-address={ip}", f"--num-cpus={cpus}", "--num-gpus=0",
+                  f"--dashboard-agent-listen-port={agent[0]}", f"--dashboard-agent-grpc-port={agent[1]}",
+                  f"--metrics-export-port={agent[2]}", f"--runtime-env-agent-port={agent[3]}", "--block"]
+        dash = 0
+        if i == 0:
+            gcs, dash, client = free_ports(3)
+            address = f"{ip}:{gcs}"
+            args = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--ray-client-server-port={client}", f"--temp-dir={temp}", "--disable-usage-stats"]
+        else:
+            args = [f"--address={address}"]
+        proc = subprocess.Popen([ray_bin(), "start", *args, *common], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, str(address), str(i + 1)], env=env, check=True,
+                           timeout=90)
+            return proc, str(address), dash
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            _stop(proc)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def ray_cluster(nodes: int = 2, cpus_per_node: int = 1, extra_env: dict[str, str] | None = None) -> Iterator[RayCluster]:
     # Nothing to drain on a test cluster: without the drain timeout a node takes up to 30 s to obey SIGTERM.
@@ -76,23 +111,10 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1, extra_env: dict[str, str
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     procs: list[subprocess.Popen] = []
     try:
-        for i in range(nodes):
-            ip = f"127.0.0.{2 + i}"
-            agent = free_ports(4)
-            common = [f"--node-ip-address={ip}", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
-                      f"--dashboard-agent-listen-port={agent[0]}", f"--dashboard-agent-grpc-port={agent[1]}",
-                      f"--metrics-export-port={agent[2]}", f"--runtime-env-agent-port={agent[3]}", "--block"]
-            if i == 0:
-                gcs, dash, client = free_ports(3)
-                address = f"{ip}:{gcs}"
-                args = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                        f"--ray-client-server-port={client}", f"--temp-dir={temp}", "--disable-usage-stats"]
-            else:
-                args = [f"--address={address}"]
-            procs.append(subprocess.Popen([ray_bin(), "start", *args, *common], env=env, start_new_session=True,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(i + 1)], env=env, check=True,
-                           timeout=180)
+        proc, address, dash = _start_node(0, None, cpus_per_node, temp, env)
+        procs.append(proc)
+        for i in range(1, nodes):
+            procs.append(_start_node(i, address, cpus_per_node, temp, env)[0])
         yield RayCluster(address=address, dashboard_url=f"http://127.0.0.1:{dash}", env=env)
     finally:
         for proc in reversed(procs):
