@@ -15,12 +15,23 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     The temporary file lives in the same directory so the final rename is atomic
-    (same file system) and is named `.<name>.<random>.tmp` so listings skip it.
+    (same file system) and is named `.<name>.<random>.tmp` so listings skip it. Whatever
+    wrote it (a file object, torch.save, pyarrow, ONNX), its bytes are fsynced before the
+    rename and the rename is fsynced after, so a power loss cannot leave an empty file
+    under the final name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +41,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -42,8 +55,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
