@@ -26,6 +26,7 @@ from crawler import build
 from crawler.localweb import LocalWeb, LocalWebSettings, ServerThread
 from crawler.synthetic import CorpusConfig, generate_corpus
 from shards import key_from_source, read_manifest
+from shards.atomic import is_temp
 from shards.verify import verify
 from ray_cluster import RayCluster, ray_cluster
 from test_hostile_server import photo_jpeg
@@ -165,11 +166,14 @@ def test_kill_9_then_resume(tmp_path: Path) -> None:
         done_urls = {row["url"] for row in work_rows(out)}
         assert 0 < len(before) and len(done_urls) < len(urls), "the kill came too late to test anything"
         hits_before = Counter(site.hits)
+        # What a kill in the middle of an atomic write leaves (here planted: the kill's timing is not ours).
+        (out / build.WORK_DIR / ".ws-000099.faces.parquet.k1ll3d.tmp").write_bytes(b"PAR1 half a file")
 
         assert build.main(crawl_argv(tmp_path / "urls.csv", out, "--workers", "1", "--resume")) == 0
 
     report = verify(out)
     assert report.faults == []
+    assert not [p for p in out.rglob("*") if is_temp(p)]
     keys = manifest_keys(out)
     assert len(keys) == len(set(keys))  # no key twice
     assert Counter(keys)[before[0]] == 1 and set(before) <= set(keys)  # everything finished before the kill, once
