@@ -262,9 +262,8 @@ def _remove_interrupted_writes(work: Path) -> None:
     """
     from shards import atomic
 
-    for path in filter(atomic.is_temp, work.glob("*")):
-        log.info("removing %s, left by an interrupted write", path)
-        path.unlink()
+    for path in atomic.remove_temp_files(work):
+        log.info("removed %s, left by an interrupted write", path)
 
 
 def _discover(cfg: CrawlConfig, out: Path) -> tuple[list[Any], list[str], bool]:

@@ -82,3 +82,11 @@ def is_temp(path: str | os.PathLike) -> bool:
     """True for the leftovers of an interrupted atomic write."""
     name = Path(path).name
     return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted atomic writes left in `directory` (none of it is ever read); returns the paths."""
+    leftovers = [p for p in Path(directory).glob("*") if is_temp(p)]
+    for path in leftovers:
+        path.unlink()
+    return leftovers

@@ -114,11 +114,9 @@ class ShardWriter:
 
     def _discard_unfinished(self) -> None:
         """Remove temp files and any shard whose stats file (its completion marker) is missing."""
+        atomic.remove_temp_files(self.out_dir)
         finished = set(self.finished_shards())
         for path in self.out_dir.iterdir():
-            if atomic.is_temp(path):
-                path.unlink()
-                continue
             stem, suffix = path.stem, path.suffix
             if suffix in (".tar", ".parquet") and stem.startswith(f"{self.prefix}-") and stem not in finished:
                 log.warning("removing unfinished shard file %s", path)
