@@ -5,6 +5,11 @@ It answers `GET /v1/images/?q=&page=&page_size=` in Openverse's format and serve
 images at `/images/<id>.<ext>`. A query's text is matched to a class through the
 built-in taxonomy (crawler/default_queries.yaml); a share `noise` of its results shows
 other classes, the label noise of real web search (each image is listed under one query).
+Which images the web files under a wrong query is `noise_pick`: `uniform` (noise independent
+of the image, as in the synthetic-noise benchmarks) or `ambiguous` (in proportion to an
+image's ambiguity, 1 - its expression intensity from the corpus's corpus.csv: on the real
+web a barely-there smile is filed under "neutral" far more often than a grin is under
+"angry", and this is the uncertainty SCN's importance weight is meant to find).
 Some served URLs are broken (404), slow (the body trickles over `slow_seconds`), or
 not images (HTML sent as image/jpeg); some images appear a second time under another
 id (`duplicates`). Everything follows from the corpus and the seed: ids depend on the
@@ -47,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 FAULTS = ("broken", "slow", "nonimage")
+NOISE_PICKS = ("uniform", "ambiguous")
 LICENSE = ("cc0", "1.0", "https://creativecommons.org/publicdomain/zero/1.0/")
 _NOT_AN_IMAGE = (
     b"<!DOCTYPE html><html><head><title>Access denied</title></head>"
@@ -59,6 +65,7 @@ class LocalWebSettings:
     """The noise model and the address. Shares are fractions in [0, 1]; `noise` is per query's results."""
 
     noise: float = 0.3
+    noise_pick: str = "uniform"  # one of NOISE_PICKS
     broken: float = 0.05
     slow: float = 0.02
     nonimage: float = 0.02
@@ -72,6 +79,8 @@ class LocalWebSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise}")
+        if self.noise_pick not in NOISE_PICKS:
+            raise ValueError(f"noise_pick must be one of {NOISE_PICKS}, got {self.noise_pick!r}")
         for name in ("broken", "slow", "nonimage", "duplicates"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -95,6 +104,7 @@ class WebImage:
     file: str
     ext: str
     true_class: str
+    intensity: float | None  # the expression's intensity, where the corpus records one
     fault: str | None
     duplicate_of: str | None
     width: int | None
@@ -110,30 +120,34 @@ class Catalog:
         self.settings = settings
         self.keywords = keyword_classes(load_queries(None))
         rng = random.Random(settings.seed)
-        entries = sorted(read_corpus(self.corpus), key=lambda e: (CANONICAL.index(e[1]), e[0]))
+        entries = sorted(read_corpus(self.corpus), key=lambda e: (CANONICAL.index(e.cls), e.file))
         if not entries:
             raise ValueError(f"{self.corpus}: no images found")
+        if settings.noise_pick == "ambiguous" and any(e.intensity is None for e in entries):
+            raise ValueError(f"{self.corpus}: noise_pick 'ambiguous' needs each image's intensity, "
+                             "from an `intensity` column in corpus.csv (crawler.synthetic writes one)")
         sources = []
-        for rel, cls in entries:
-            sources.append((_stable_id("image", rel), rel, cls, None))
+        for entry in entries:
+            sources.append((_stable_id("image", entry.file), entry, None))
             if rng.random() < settings.duplicates:
-                sources.append((_stable_id("duplicate", rel), rel, cls, _stable_id("image", rel)))
+                sources.append((_stable_id("duplicate", entry.file), entry, _stable_id("image", entry.file)))
         self.images: dict[str, WebImage] = {}
-        for image_id, rel, cls, duplicate_of in sources:
-            path = self.corpus / rel
+        for image_id, entry, duplicate_of in sources:
+            path = self.corpus / entry.file
             width, height = _size(path)
             self.images[image_id] = WebImage(
                 id=image_id,
-                file=rel,
+                file=entry.file,
                 ext=path.suffix.lower().lstrip("."),
-                true_class=cls,
+                true_class=entry.cls,
+                intensity=entry.intensity,
                 fault=_draw_fault(rng, settings),
                 duplicate_of=duplicate_of,
                 width=width,
                 height=height,
                 filesize=path.stat().st_size,
             )
-        self.results = _list_under_classes(self.images, settings.noise, rng)
+        self.results = _list_under_classes(self.images, settings.noise, settings.noise_pick, rng)
         self._ranked: dict[str, list[str]] = {}
 
     def search(self, text: str) -> list[WebImage]:
@@ -163,6 +177,7 @@ class Catalog:
             images[image.id] = {
                 "url": image_url(base_url, image),
                 "class": image.true_class,
+                "intensity": image.intensity,
                 "file": image.file,
                 "fault": image.fault,
                 "duplicate_of": image.duplicate_of,
@@ -172,21 +187,22 @@ class Catalog:
         return {"base_url": base_url, "settings": asdict(self.settings), "images": images}
 
 
-def _list_under_classes(images: Mapping[str, WebImage], noise: float, rng: random.Random) -> dict[str, list[str]]:
+def _list_under_classes(images: Mapping[str, WebImage], noise: float, pick: str,
+                        rng: random.Random) -> dict[str, list[str]]:
     """Which class's search lists each image: every image under one class, so that a share
     `noise` of each class's results shows another class.
 
-    Each class gives `round(noise * n)` of its n images to the searches of other classes and
-    receives as many back, dealt to the class most short of them. An image is found under a
-    wrong query only, as on the web, not also under its own (where a crawler would see a
-    conflict between two queries and could set it aside).
+    Each class gives `round(noise * n)` of its n images to the searches of other classes
+    (which ones: `pick`, see `_pick_moved`) and receives as many back, dealt to the class
+    most short of them. An image is found under a wrong query only, as on the web, not also
+    under its own (where a crawler would see a conflict between two queries and could set it aside).
     """
     own = {cls: sorted(i for i, im in images.items() if im.true_class == cls) for cls in CANONICAL}
     results = {cls: list(ids) for cls, ids in own.items() if ids}
     given: list[str] = []
     short: dict[str, int] = {}
     for cls, ids in results.items():
-        moved = rng.sample(ids, round(noise * len(ids)))
+        moved = _pick_moved(ids, round(noise * len(ids)), images, pick, rng)
         given += moved
         short[cls] = len(moved)
         results[cls] = [i for i in ids if i not in set(moved)]
@@ -203,8 +219,30 @@ def _list_under_classes(images: Mapping[str, WebImage], noise: float, rng: rando
     return results
 
 
-def read_corpus(corpus: Path) -> list[tuple[str, str]]:
-    """(file relative to the corpus, class) pairs, from `corpus.csv` or else from class-named folders."""
+def _pick_moved(ids: Sequence[str], k: int, images: Mapping[str, WebImage], pick: str,
+                rng: random.Random) -> list[str]:
+    """k of a class's images for other classes' searches: uniformly, or (`ambiguous`) each with
+    weight 1 - intensity, drawn without replacement (Efraimidis-Spirakis keys u ** (1 / w)).
+    A full-intensity image has weight 0 and is moved only once no ambiguous one is left."""
+    if pick == "uniform":
+        return rng.sample(list(ids), k)
+    keys = {}
+    for i in ids:
+        weight = 1.0 - images[i].intensity
+        u = rng.random()
+        keys[i] = u ** (1.0 / weight) if weight > 0 else 0.0
+    return sorted(ids, key=lambda i: -keys[i])[:k]
+
+
+@dataclass(frozen=True)
+class CorpusEntry:
+    file: str  # relative to the corpus
+    cls: str
+    intensity: float | None  # from corpus.csv's `intensity` column, where it has one
+
+
+def read_corpus(corpus: Path) -> list[CorpusEntry]:
+    """The corpus's images, from `corpus.csv` or else from class-named folders (no intensity then)."""
     index = corpus / "corpus.csv"
     entries = []
     if index.exists():
@@ -214,7 +252,7 @@ def read_corpus(corpus: Path) -> list[tuple[str, str]]:
                     raise ValueError(f"{index}: row {n}: unknown class {row.get('class')!r}; known: {list(CANONICAL)}")
                 if not (corpus / (row.get("file") or "")).is_file():
                     raise ValueError(f"{index}: row {n}: file {row.get('file')!r} not found under {corpus}")
-                entries.append((row["file"], row["class"]))
+                entries.append(CorpusEntry(row["file"], row["class"], _intensity(row.get("intensity"), index, n)))
         return entries
     if not corpus.is_dir():
         raise ValueError(f"corpus {corpus} is not a directory")
@@ -223,8 +261,20 @@ def read_corpus(corpus: Path) -> list[tuple[str, str]]:
             raise ValueError(f"{folder}: folder name is not a class; known: {list(CANONICAL)}")
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in IMAGE_TYPES:
-                entries.append((path.relative_to(corpus).as_posix(), folder.name))
+                entries.append(CorpusEntry(path.relative_to(corpus).as_posix(), folder.name, None))
     return entries
+
+
+def _intensity(text: str | None, index: Path, row: int) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{index}: row {row}: intensity {text!r} is not a number in [0, 1]")
+    return value
 
 
 def image_url(base_url: str, image: WebImage) -> str:

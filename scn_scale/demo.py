@@ -84,6 +84,9 @@ class DemoScale:
     # accuracy after 8 epochs in a measurement); every set also needs >= ranks x loader workers shards.
     shard_samples: int
     noise: float = 0.3  # share of each query's results from other classes
+    # Which images are filed under other classes: the ambiguous ones (weak expressions), as on the
+    # web, where label noise follows the image (see crawler.localweb); "uniform" draws them regardless.
+    noise_pick: str = "ambiguous"
     broken: float = 0.05  # broken links (404)
     duplicates: float = 0.05  # images served a second time under another id
     workers: int = 2  # Ray Train workers per run; the Ray cluster has CPUs for two runs at once
@@ -484,8 +487,8 @@ class Demo:
     def serve_web(self) -> Child:
         s = self.scale
         web = self.sup.spawn("localweb", self._py(
-            "crawler.localweb", "--corpus", self.paths.pool, "--port", 0, "--noise", s.noise, "--broken", s.broken,
-            "--duplicates", s.duplicates, "--seed", 0), ready="READY ")
+            "crawler.localweb", "--corpus", self.paths.pool, "--port", 0, "--noise", s.noise, "--noise-pick", s.noise_pick,
+            "--broken", s.broken, "--duplicates", s.duplicates, "--seed", 0), ready="READY ")
         url = web.wait_ready(timeout=120).split("READY ", 1)[1].strip()
         print(f"embedded web at {url} (127.0.0.1 only)", flush=True)
         self.web_url = url

@@ -32,15 +32,17 @@ OPENVERSE_FIELDS = {
 }
 
 
-def make_corpus(root: Path, per_class: int, classes=CANONICAL, index: bool = False) -> Path:
-    """Tiny distinct JPEGs in class folders; with `index`, also the synthetic corpus's corpus.csv."""
+def make_corpus(root: Path, per_class: int, classes=CANONICAL, index: bool = False,
+                intensity=lambda k, n: 1.0) -> Path:
+    """Tiny distinct JPEGs in class folders; with `index`, also the synthetic corpus's corpus.csv
+    (image k of n in a class with intensity(k, n))."""
     rows = []
     for ci, cls in enumerate(classes):
         (root / cls).mkdir(parents=True, exist_ok=True)
         for k in range(per_class):
             rel = f"{cls}/{cls}-{k + 1:06d}.jpg"
             Image.new("RGB", (12 + k % 5, 10), (ci * 30 % 256, k * 9 % 256, 77)).save(root / rel, quality=95)
-            rows.append({"file": rel, "class": cls, "intensity": 1.0, "identity": k, "seed": k})
+            rows.append({"file": rel, "class": cls, "intensity": intensity(k, per_class), "identity": k, "seed": k})
     if index:
         with open(root / "corpus.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -135,6 +137,38 @@ def test_noise_model_shares_faults_and_duplicates(tmp_path):
         bodies = fetch_all([u for d, o in pairs for u in (d["url"], o["url"])])
         assert pairs and all(d["url"] != o["url"] for d, o in pairs)
         assert all(bodies[2 * i][2] == bodies[2 * i + 1][2] for i in range(len(pairs)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ambiguous_noise_files_weak_expressions_under_wrong_queries(tmp_path, seed):
+    # Intensities 0, 1/39, ..., 1 in every class: the same share of each class's results is
+    # wrong as with uniform noise, but drawn from its weak expressions, and the strongest never.
+    corpus = make_corpus(tmp_path / "corpus", per_class=40, index=True, intensity=lambda k, n: k / (n - 1))
+    uniform, ambiguous = (Catalog(corpus, LocalWebSettings(**{**CLEAN, "noise": 0.3, "seed": seed, "noise_pick": pick}))
+                          for pick in ("uniform", "ambiguous"))
+    truth = ambiguous.ground_truth("http://127.0.0.1:1")["images"]
+    moved = [e["intensity"] for e in truth.values() if e["noise"] == ["label"]]
+    kept = [e["intensity"] for e in truth.values() if not e["noise"]]
+    assert len(moved) == 8 * 12 and len(kept) == 8 * 28
+    assert sum(kept) / len(kept) - sum(moved) / len(moved) > 0.15
+    assert 1.0 not in moved
+    for catalog in (uniform, ambiguous):  # each class gives 12 and is dealt 12 +- 1 back
+        for cls in CANONICAL:
+            wrong = [i for i in catalog.results[cls] if catalog.images[i].true_class != cls]
+            assert abs(len(wrong) - 12) <= 1 and len(catalog.results[cls]) - len(wrong) == 28
+
+
+def test_ambiguous_noise_needs_intensities(tmp_path):
+    plain = make_corpus(tmp_path / "plain", per_class=2)
+    with pytest.raises(ValueError, match=r"plain: noise_pick 'ambiguous' needs each image's intensity"):
+        Catalog(plain, LocalWebSettings(noise_pick="ambiguous"))
+    indexed = make_corpus(tmp_path / "indexed", per_class=2, index=True)
+    text = (indexed / "corpus.csv").read_text().replace("fear/fear-000002.jpg,fear,1.0", "fear/fear-000002.jpg,fear,strong")
+    (indexed / "corpus.csv").write_text(text)
+    with pytest.raises(ValueError, match=r"corpus\.csv: row \d+: intensity 'strong' is not a number in \[0, 1\]"):
+        Catalog(indexed, LocalWebSettings())
+    with pytest.raises(ValueError, match="noise_pick must be one of"):
+        LocalWebSettings(noise_pick="hard")
 
 
 def test_deterministic_from_the_seed_with_ids_stable_across_seeds(tmp_path):
