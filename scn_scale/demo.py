@@ -664,6 +664,9 @@ class Demo:
         self.results["runs"] = runs
         scored = score_alpha(final_model(p.runs / "scn"), p.crawl, p.noise_table, self.scale.image_size)
         self.results["alpha"] = scored.stats
+        manifest = read_manifest(str(p.crawl), columns=["key", "url"]).to_pydict()
+        self.results["alpha_by_intensity"] = alpha_by_intensity(
+            scored, dict(zip(manifest["key"], manifest["url"])), json.loads(p.ground_truth.read_text()))
         self.results["audit"] = relabel_audit(final_model(p.runs / "scn").parent, p.crawl, p.noise_table)
         self.results["timings"] = dict(self.timings)
         self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
@@ -741,6 +744,48 @@ def score_alpha(model_file: Path, shards: Path, noise_table: Path, image_size: i
     noisy_keys = set(load_ground_truth(str(noise_table)))
     noisy = np.array([k in noisy_keys for k in pred.keys], dtype=bool)
     return AlphaScores(pred.keys, pred.alpha, noisy, metrics.alpha_stats(pred.alpha, noisy))
+
+
+#: Expression-intensity bins of the report's alpha-by-intensity table (the last one includes 1).
+INTENSITY_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def alpha_by_intensity(scored: AlphaScores, url_of: Mapping[str, str], ground_truth: Mapping[str, Any]) -> dict:
+    """Mean alpha of the crawled faces by how strongly they show their true expression.
+
+    SCN's importance weight exists to discount ambiguous samples; the embedded web's ground
+    truth knows each image's intensity, so this checks whether the trained alpha does. Neutral
+    faces show no expression (intensity 0 by construction) and get a row of their own. Each row:
+    samples, noisy ones, mean alpha overall, of its clean and of its noisy samples; plus the
+    correlation of alpha with intensity over the faces that show an expression. `url_of` maps
+    the crawl's sample keys to the URLs they were fetched from (its manifest).
+    """
+    truth = {entry["url"]: entry for entry in ground_truth["images"].values()}
+    names = ["neutral"] + [f"intensity {lo:.2f}-{hi:.2f}" for lo, hi in zip(INTENSITY_BINS, INTENSITY_BINS[1:])]
+    groups: dict[str, list[tuple[float, bool]]] = {name: [] for name in names}
+    expressive: list[tuple[float, float]] = []  # (intensity, alpha)
+    unknown = 0
+    for key, alpha, noisy in zip(scored.keys, scored.alpha.tolist(), scored.noisy.tolist()):
+        entry = truth[url_of[key]]
+        intensity = entry.get("intensity")
+        if entry["class"] == "neutral":
+            groups["neutral"].append((alpha, noisy))
+        elif intensity is None:
+            unknown += 1
+        else:
+            b = min(int(np.searchsorted(INTENSITY_BINS, intensity, side="right")), len(INTENSITY_BINS) - 1)
+            groups[names[b]].append((alpha, noisy))
+            expressive.append((intensity, alpha))
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    rows = [{"faces": name, "n": len(g), "noisy": sum(n for _, n in g), "alpha_mean": mean([a for a, _ in g]),
+             "alpha_clean": mean([a for a, n in g if not n]), "alpha_noisy": mean([a for a, n in g if n])}
+            for name, g in groups.items()]
+    x = np.array(expressive, dtype=np.float64).reshape(-1, 2)
+    corr = float(np.corrcoef(x[:, 0], x[:, 1])[0, 1]) if len(x) > 2 and x.std(axis=0).min() > 0 else None
+    return {"rows": rows, "correlation": corr, "without_intensity": unknown}
 
 
 def relabel_audit(checkpoint_dir: Path, shards: Path, noise_table: Path) -> dict:

@@ -30,7 +30,8 @@ ALPHA_PNG = "alpha_noisy_vs_clean.png"
 TRAINING_PNG = "scn_during_training.png"
 FLOW_PNG = "relabel_flow.png"
 NOISE_PNG = "crawl_label_noise.png"
-PNGS = (ACCURACY_PNG, ALPHA_PNG, TRAINING_PNG, FLOW_PNG, NOISE_PNG)
+INTENSITY_PNG = "alpha_by_intensity.png"
+PNGS = (ACCURACY_PNG, ALPHA_PNG, INTENSITY_PNG, TRAINING_PNG, FLOW_PNG, NOISE_PNG)
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -124,6 +125,24 @@ def plot_noise(noise: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_intensity(by_intensity: dict, path: Path) -> None:
+    """Mean alpha of clean and noisy crawled faces by expression intensity (neutral first)."""
+    rows = by_intensity["rows"]
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.add_subplot()
+    xs = np.arange(len(rows))
+    for offset, key, name, color in ((-0.2, "alpha_clean", "clean", "tab:blue"), (0.2, "alpha_noisy", "noisy", "tab:red")):
+        values = [math.nan if r[key] is None else r[key] for r in rows]
+        ax.bar(xs + offset, values, width=0.4, color=color, label=f"{name} samples")
+    ax.set_xticks(xs, [f"{r['faces']}\nn={r['n']}, {r['noisy']} noisy" for r in rows], fontsize=8)
+    ax.set_ylabel("mean alpha")
+    corr = by_intensity["correlation"]
+    ax.set_title("importance (alpha) by how strongly a face shows its expression"
+                 + (f" (r = {corr:+.2f})" if corr is not None else ""))
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 # -- the page ---------------------------------------------------------------------------------------
 
 
@@ -160,6 +179,9 @@ def headline(results: dict) -> dict:
         "alpha_noisy_mean": noisy.get("mean"),
         "alpha_clean_mean": clean.get("mean"),
         "alpha_gap": (clean["mean"] - noisy["mean"]) if noisy.get("n") and clean.get("n") else None,
+        # Twice the standard error of that difference of means (as for the accuracies below).
+        "alpha_gap_2se": 2 * math.hypot(noisy["std"] / math.sqrt(noisy["n"]), clean["std"] / math.sqrt(clean["n"]))
+        if noisy.get("n") and clean.get("n") else None,
         "relabel_precision": audit["precision"],
         "relabel_recall": audit["recall"],
         "relabeled": audit["changed"],
@@ -188,8 +210,11 @@ def _verdicts(results: dict, h: dict) -> list[str]:
     if h["alpha_gap"] is None:
         lines.append("**alpha, noisy vs clean:** not measurable (one of the two groups is empty).")
     elif h["alpha_gap"] > 0:
+        within = h["alpha_gap"] <= h["alpha_gap_2se"]
         lines.append(f"**SCN gave the noisy samples lower importance:** mean alpha {h['alpha_noisy_mean']:.3f} for "
-                     f"noisy samples against {h['alpha_clean_mean']:.3f} for clean ones (gap {h['alpha_gap']:.3f}).")
+                     f"noisy samples against {h['alpha_clean_mean']:.3f} for clean ones (gap {h['alpha_gap']:.3f}"
+                     + (f"; within about two standard errors, ±{h['alpha_gap_2se']:.3f}, so a weak separation)."
+                        if within else f", more than two standard errors, ±{h['alpha_gap_2se']:.3f})."))
     else:
         lines.append(f"**SCN did not give the noisy samples lower importance in this run:** mean alpha "
                      f"{h['alpha_noisy_mean']:.3f} for noisy samples against {h['alpha_clean_mean']:.3f} for clean ones.")
@@ -238,6 +263,34 @@ def _epoch_table(runs: dict, names: Sequence[str]) -> list[str]:
     for epoch in sorted(by_epoch):
         lines.append(f"| {epoch} | " + " | ".join(_pct(by_epoch[epoch].get(n)) for n in names) + " |")
     return lines
+
+
+#: How the embedded web chose the images it filed under a wrong query (crawler.localweb's noise_pick).
+_PICKS = {
+    "ambiguous": "The images filed under a wrong query were drawn in proportion to their ambiguity (1 - expression "
+                 "intensity), as on the web, where a faint smile is filed under \"neutral\" far more often than a "
+                 "grin under \"angry\": the noise follows the image, which is what SCN's importance weight can see. ",
+    "uniform": "The images filed under a wrong query were drawn uniformly, whatever they show: noise independent "
+               "of the image, which alpha (a function of the image) can only find by memorising samples. ",
+}
+
+
+def _intensity_section(by_intensity: dict) -> list[str]:
+    """alpha by expression intensity: does SCN's importance fall on the ambiguous faces, as it is meant to?"""
+    lines = ["### alpha and ambiguity", "",
+             "SCN's importance weight is meant to discount ambiguous samples. The ground truth knows how strongly "
+             "each face shows its true expression (its intensity; neutral faces show none), so the same scores, "
+             "grouped by intensity:", "",
+             "| faces | n | noisy | mean alpha | clean | noisy |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['faces']} | {r['n']} | {r['noisy']} | {_fmt(r['alpha_mean'])} | {_fmt(r['alpha_clean'])} | "
+              f"{_fmt(r['alpha_noisy'])} |" for r in by_intensity["rows"]]
+    corr = by_intensity["correlation"]
+    lines += ["", "Correlation of alpha with intensity over the faces that show an expression: "
+              + ("not measurable (the corpus records no intensities)." if corr is None else
+                 f"r = {corr:+.2f} (positive when alpha rises with how clearly a face shows its expression)."), ""]
+    if by_intensity["without_intensity"]:
+        lines += [f"{by_intensity['without_intensity']} faces have no intensity in the ground truth and are left out.", ""]
+    return lines + [f"![alpha by intensity]({INTENSITY_PNG})", ""]
 
 
 def markdown(results: dict, h: dict) -> str:
@@ -293,6 +346,7 @@ def markdown(results: dict, h: dict) -> str:
         "",
         f"![alpha histogram]({ALPHA_PNG})",
         "",
+        *_intensity_section(results["alpha_by_intensity"]),
         "During training (means over each epoch's training passes, with augmentation), and the relabel audit "
         "after each epoch's merge:",
         "",
@@ -318,9 +372,9 @@ def markdown(results: dict, h: dict) -> str:
         "",
         f"The embedded web served a pool of synthetic faces ({scale['pool_per_class']} per class) with "
         f"{_pct(scale['noise'])} of each query's results drawn from other classes, {_pct(scale['broken'])} broken "
-        f"links and {_pct(scale['duplicates'])} duplicates. `crawler.build` crawled it with the default query "
-        f"taxonomy: {crawl.get('candidates', '-')} candidates, {crawl.get('fetched', '-')} fetched, "
-        f"{crawl['written']} written.",
+        f"links and {_pct(scale['duplicates'])} duplicates. {_PICKS.get(scale.get('noise_pick'), '')}"
+        f"`crawler.build` crawled it with the default query taxonomy: {crawl.get('candidates', '-')} candidates, "
+        f"{crawl.get('fetched', '-')} fetched, {crawl['written']} written.",
         "",
         f"![crawl label noise]({NOISE_PNG})",
         "",
@@ -371,6 +425,7 @@ def write_report(results: dict, alpha: np.ndarray, noisy: np.ndarray, out: Path)
     runs, scale = results["runs"], results["scale"]
     plot_accuracy(runs, scale["relabel_epoch"], scale["finetune_relabel_epoch"], out / ACCURACY_PNG)
     plots.plot_alpha(np.asarray(alpha), out / ALPHA_PNG, np.asarray(noisy, dtype=bool))
+    plot_intensity(results["alpha_by_intensity"], out / INTENSITY_PNG)
     plot_training(runs["scn"]["metrics"], out / TRAINING_PNG)
     plots.plot_flow(results["audit"]["flow"], results["audit"]["classes"], out / FLOW_PNG)
     plot_noise(results["noise"], out / NOISE_PNG)

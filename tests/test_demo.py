@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -82,6 +83,33 @@ def test_crawl_noise_joins_the_manifest_to_the_ground_truth_by_url():
     assert stats["per_class"]["sadness"]["noise"] is None
     with pytest.raises(demo.StageError, match="unknown to the embedded web"):
         demo.crawl_noise({"key": ["x"], "url": ["http://elsewhere/x.jpg"], "label": [0]}, truth, classes)
+
+
+def test_alpha_by_intensity_groups_the_scores_by_the_ground_truth():
+    images = {  # id: (true class, intensity)
+        "n1": ("neutral", 0.0), "w1": ("anger", 0.1), "w2": ("anger", 0.2), "m1": ("fear", 0.5),
+        "s1": ("fear", 0.9), "s2": ("anger", 1.0), "x1": ("fear", None),
+    }
+    truth = {"images": {i: {"url": f"http://127.0.0.1:1/{i}.jpg", "class": c, "intensity": v}
+                        for i, (c, v) in images.items()}}
+    keys = list(images)
+    alpha = np.array([0.2, 0.1, 0.3, 0.5, 0.8, 0.9, 0.4])
+    noisy = np.array([False, True, False, False, True, False, False])
+    scored = demo.AlphaScores(keys, alpha, noisy, {})
+    result = demo.alpha_by_intensity(scored, {k: f"http://127.0.0.1:1/{k}.jpg" for k in keys}, truth)
+    rows = {r["faces"]: r for r in result["rows"]}
+    assert list(rows) == ["neutral", "intensity 0.00-0.25", "intensity 0.25-0.50", "intensity 0.50-0.75",
+                          "intensity 0.75-1.00"]
+    assert rows["neutral"] == {"faces": "neutral", "n": 1, "noisy": 0, "alpha_mean": 0.2, "alpha_clean": 0.2,
+                               "alpha_noisy": None}
+    weak = rows["intensity 0.00-0.25"]
+    assert (weak["n"], weak["noisy"], weak["alpha_clean"], weak["alpha_noisy"]) == (2, 1, 0.3, 0.1)
+    assert weak["alpha_mean"] == pytest.approx(0.2)
+    assert rows["intensity 0.25-0.50"]["n"] == 0 and rows["intensity 0.25-0.50"]["alpha_mean"] is None
+    assert (rows["intensity 0.50-0.75"]["n"], rows["intensity 0.75-1.00"]["n"]) == (1, 2)  # 1.0 is in the last bin
+    assert result["without_intensity"] == 1
+    expressive = [(0.1, 0.1), (0.2, 0.3), (0.5, 0.5), (0.9, 0.8), (1.0, 0.9)]
+    assert result["correlation"] == pytest.approx(np.corrcoef(np.array(expressive).T)[0, 1])
 
 
 def test_prepare_out_never_empties_a_directory_it_did_not_write(tmp_path):
@@ -156,6 +184,12 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert h["alpha_clean_mean"] == alpha["clean"]["mean"]
     noisy_keys = set(load_ground_truth(str(out / "labels" / "crawl_noise.parquet")))
     assert noisy_keys == set(load_overrides(str(out / "labels" / "crawl_noise.parquet")))
+    # alpha by intensity covers the same samples; the synthetic corpus records every intensity.
+    by_intensity = results["alpha_by_intensity"]
+    assert sum(r["n"] for r in by_intensity["rows"]) == results["noise"]["samples"]
+    assert sum(r["noisy"] for r in by_intensity["rows"]) == results["noise"]["noisy"]
+    assert by_intensity["without_intensity"] == 0
+    assert h["alpha_gap_2se"] > 0
 
     # The page: its headline numbers as the results hold them, every picture there and readable.
     text = (report / demo_report.REPORT_MD).read_text()
