@@ -14,12 +14,12 @@ Some served URLs are broken (404), slow (the body trickles over `slow_seconds`),
 not images (HTML sent as image/jpeg); some images appear a second time under another
 id (`duplicates`). Everything follows from the corpus and the seed: ids depend on the
 file path only, so they are stable, and the ground truth (`GET /ground_truth.json`,
-`LocalWeb.ground_truth()`) records every image's true class and noise, so a crawl's
+`LocalWeb.ground_truth()`) records every image's true class, intensity and noise, so a crawl's
 label noise can be measured with `label_noise`.
 
 It listens on a loopback address only: a host outside 127.0.0.0/8 is refused.
 
-    python -m crawler.localweb --corpus DIR [--port 0] [--noise 0.3] [--seed 0] ...
+    python -m crawler.localweb --corpus DIR [--port 0] [--noise 0.3] [--noise-pick ambiguous] [--seed 0] ...
 """
 
 from __future__ import annotations
