@@ -487,8 +487,9 @@ class Demo:
     def serve_web(self) -> Child:
         s = self.scale
         web = self.sup.spawn("localweb", self._py(
-            "crawler.localweb", "--corpus", self.paths.pool, "--port", 0, "--noise", s.noise, "--noise-pick", s.noise_pick,
-            "--broken", s.broken, "--duplicates", s.duplicates, "--seed", 0), ready="READY ")
+            "crawler.localweb", "--corpus", self.paths.pool, "--port", 0, "--noise", s.noise,
+            "--noise-pick", s.noise_pick, "--broken", s.broken, "--duplicates", s.duplicates, "--seed", 0),
+            ready="READY ")
         url = web.wait_ready(timeout=120).split("READY ", 1)[1].strip()
         print(f"embedded web at {url} (127.0.0.1 only)", flush=True)
         self.web_url = url
