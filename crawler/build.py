@@ -229,7 +229,10 @@ def run_crawl(cfg: CrawlConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    _remove_interrupted_writes(out / WORK_DIR)
+    # A crawl killed mid-write leaves temp files in its work directory, which a resume never reads
+    # (the shard writer clears the output directory's own when it opens the set).
+    for path in atomic.remove_temp_files(out / WORK_DIR):
+        log.info("removed %s, left by an interrupted write", path)
     atomic.write_json(out / CONFIG_NAME, _jsonable(dataclasses.asdict(cfg)))
     try:
         runner = open_runner(cfg.distribute)  # workers start now, while discovery runs
@@ -253,17 +256,6 @@ def run_crawl(cfg: CrawlConfig) -> dict[str, Any]:
     summary["label_noise"] = _label_noise(cfg, out)
     atomic.write_json(out / SUMMARY_NAME, summary)
     return summary
-
-
-def _remove_interrupted_writes(work: Path) -> None:
-    """A crawl killed mid-write leaves temp files in its work directory; a resume never reads them.
-
-    (The shard writer does the same for the output directory when it opens the set.)
-    """
-    from shards import atomic
-
-    for path in atomic.remove_temp_files(work):
-        log.info("removed %s, left by an interrupted write", path)
 
 
 def _discover(cfg: CrawlConfig, out: Path) -> tuple[list[Any], list[str], bool]:
