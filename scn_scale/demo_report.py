@@ -10,18 +10,16 @@ drawn on the Agg canvas, with scn_scale.report's helpers where they fit.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from scn_scale import report as plots
-from shards.atomic import write_bytes, write_json, write_text
+from shards.atomic import write_json, write_text
 
 REPORT_MD = "report.md"
 RESULTS_JSON = "results.json"
@@ -32,12 +30,6 @@ FLOW_PNG = "relabel_flow.png"
 NOISE_PNG = "crawl_label_noise.png"
 INTENSITY_PNG = "alpha_by_intensity.png"
 PNGS = (ACCURACY_PNG, ALPHA_PNG, INTENSITY_PNG, TRAINING_PNG, FLOW_PNG, NOISE_PNG)
-
-
-def _save(fig: Figure, path: Path) -> None:
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf)
-    write_bytes(path, buf.getvalue())
 
 
 def _curve(metrics: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
@@ -75,7 +67,7 @@ def plot_accuracy(runs: dict, relabel_epoch: int, finetune_relabel_epoch: int, p
         ax.set_ylabel("accuracy")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_training(metrics: Sequence[dict], path: Path) -> None:
@@ -104,7 +96,7 @@ def plot_training(metrics: Sequence[dict], path: Path) -> None:
     handles = ax.get_legend_handles_labels()
     extra = twin.get_legend_handles_labels()
     ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper left")
-    _save(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_noise(noise: dict, path: Path) -> None:
@@ -122,7 +114,7 @@ def plot_noise(noise: dict, path: Path) -> None:
     ax.set_title("label noise of the crawl, by crawl label")
     ax.tick_params(axis="x", labelrotation=45)
     ax.legend()
-    _save(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_intensity(by_intensity: dict, path: Path) -> None:
@@ -140,7 +132,7 @@ def plot_intensity(by_intensity: dict, path: Path) -> None:
     ax.set_title("importance (alpha) by how strongly a face shows its expression"
                  + (f" (r = {corr:+.2f})" if corr is not None else ""))
     ax.legend(fontsize=8)
-    _save(fig, path)
+    plots.save_figure(fig, path)
 
 
 # -- the page ---------------------------------------------------------------------------------------
@@ -174,14 +166,15 @@ def headline(results: dict) -> dict:
     diff, margin = _compare(scn, base)
     gain, gain_margin = _compare(pre, scratch)
     noisy, clean = alpha.get("noisy", {}), alpha.get("clean", {})
+    both = bool(noisy.get("n") and clean.get("n"))
     return {
         "label_noise": results["noise"]["noise"],
         "alpha_noisy_mean": noisy.get("mean"),
         "alpha_clean_mean": clean.get("mean"),
-        "alpha_gap": (clean["mean"] - noisy["mean"]) if noisy.get("n") and clean.get("n") else None,
+        "alpha_gap": clean["mean"] - noisy["mean"] if both else None,
         # Twice the standard error of that difference of means (as for the accuracies below).
         "alpha_gap_2se": 2 * math.hypot(noisy["std"] / math.sqrt(noisy["n"]), clean["std"] / math.sqrt(clean["n"]))
-        if noisy.get("n") and clean.get("n") else None,
+        if both else None,
         "relabel_precision": audit["precision"],
         "relabel_recall": audit["recall"],
         "relabeled": audit["changed"],
