@@ -47,11 +47,12 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from tqdm import tqdm
 
+from crawler.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from crawler.distribute import DistributeConfig, open_runner
 from crawler.faces import HAAR_INSTALL, MTCNN_INSTALL
+from crawler.netguard import check_scheme
 from crawler.pipeline import (
     DECODE_FAILURES,
     DROPPED_SCHEMA,
@@ -62,6 +63,7 @@ from crawler.pipeline import (
     candidate_dicts,
     process_work_shard,
 )
+from crawler.settings import coerce, parse_yaml, read_yaml
 
 # `shards` is imported inside the functions that use it: importing it loads webdataset and
 # torch (seconds), and every spawned worker process re-imports this module as __main__.
@@ -127,6 +129,8 @@ class CrawlConfig:
                 raise ValueError("--provider urllist needs --input FILE (csv, tsv, jsonl or parquet)")
             if self.input is not None and not Path(self.input).is_file():
                 raise ValueError(f"input file {self.input} does not exist")
+            if self.api_base is not None and check_scheme(self.api_base):
+                raise ValueError(f"--api-base {self.api_base!r} is not an http(s) URL")
             if self.queries is not None and not Path(self.queries).is_file():
                 raise ValueError(f"queries file {self.queries} does not exist")
             if self.per_query is not None and self.per_query < 1:
@@ -346,7 +350,7 @@ def summarize(out: Path, num_shards: int, committer: Committer) -> dict[str, Any
             if text:
                 rejected.update(json.loads(text))
     candidates = sum(statuses.values())
-    non_failures = {"ok", "duplicate", "no_face", "face_filtered", "opted_out", *SKIPPED}
+    non_failures = {"ok", "duplicate", "no_face", "face_filtered", "opted_out", "too_small", *SKIPPED}
     stats = committer.stats
     return {
         "candidates": candidates,
@@ -355,6 +359,7 @@ def summarize(out: Path, num_shards: int, committer: Committer) -> dict[str, Any
         "failed": dict(sorted((k, v) for k, v in statuses.items() if k not in non_failures)),
         "failed_decode": sum(statuses[k] for k in DECODE_FAILURES),
         "opted_out": statuses["opted_out"],
+        "too_small": statuses["too_small"],  # a side under decode.min_side: dropped by policy, not a failure
         "skipped": {k: statuses[k] for k in SKIPPED if statuses[k]},
         "no_face": statuses["no_face"],
         "filtered": statuses["face_filtered"],
@@ -404,6 +409,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(("failed", sum(failed.values())))
     lines += [(f"  {reason}", n) for reason, n in failed.items()]
     lines.append(("opted out", summary["opted_out"]))
+    lines.append(("too small", summary["too_small"]))
     for reason, n in summary["skipped"].items():
         lines.append((f"skipped ({reason})", n))
     if summary.get("video_frames"):
@@ -434,38 +440,30 @@ _SECTIONS = {"fetch": "pipeline.fetch", "decode": "pipeline.decode", "faces": "p
              "torch_threads": "pipeline.torch_threads"}
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise ValueError(f"setting {path}: expected {hint.__name__}, got {value!r}")
-    return value
+def override(obj: Any, path: str, value: Any, *, prefix: str = "") -> Any:
+    """A copy of the nested frozen dataclass `obj` with the dotted `path` set to `value`.
 
-
-def override(obj: Any, path: str, value: Any) -> Any:
-    """A copy of the nested frozen dataclass `obj` with the dotted `path` set to `value`."""
+    `prefix` is the path down to `obj`, so an error names the whole setting.
+    """
     head, _, rest = path.partition(".")
     if head in _SECTIONS and obj.__class__ is CrawlConfig:
         return override(obj, _SECTIONS[head] + (f".{rest}" if rest else ""), value)
     names = {f.name for f in dataclasses.fields(obj)}
     if head not in names:
-        raise ValueError(f"unknown setting {path!r} in {type(obj).__name__}; known: {sorted(names)}")
+        raise ValueError(f"unknown setting {prefix + path!r} in {type(obj).__name__}; known: {sorted(names)}")
     current = getattr(obj, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise ValueError(f"setting {head!r} has no field {rest!r}")
-        return dataclasses.replace(obj, **{head: override(current, rest, value)})
+            raise ValueError(f"setting {prefix + head!r} has no field {rest!r}")
+        return dataclasses.replace(obj, **{head: override(current, rest, value, prefix=f"{prefix}{head}.")})
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
-            raise ValueError(f"setting {head!r} is a section: give a mapping")
+            raise ValueError(f"setting {prefix + head!r} is a section: give a mapping")
         for key, item in value.items():
-            current = override(current, key, item)
+            current = override(current, key, item, prefix=f"{prefix}{head}.")
         return dataclasses.replace(obj, **{head: current})
     hint = typing.get_type_hints(type(obj))[head]
-    return dataclasses.replace(obj, **{head: _coerce(value, hint, path)})
+    return dataclasses.replace(obj, **{head: coerce(value, hint, prefix + head)})
 
 
 def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -474,13 +472,13 @@ def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
-        parsed[key.strip()] = yaml.safe_load(value)
+        parsed[key.strip()] = parse_yaml(value, f"{flag} {item}")
     return parsed
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m crawler.build", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m crawler.build", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", help="queries YAML {class: {lang: [keyword, ...]}} (default: the built-in set)")
     p.add_argument("--provider", required=True, help="openverse, wikimedia, flickr, urllist, youtube, localweb")
     p.add_argument("--api-base", help="the provider's base URL (e.g. the embedded web's)")
@@ -496,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="local worker processes (default: the CPU count; 0: in-process)")
     p.add_argument("--per-query", type=int, help="results asked per query (default 200; a URL list: all rows)")
     p.add_argument("--crop-size", type=int, help="aligned crop side in pixels (default 112; 224 doubles the template)")
+    p.add_argument("--min-side", type=int,
+                   help="pictures (and video frames) with a side under this many pixels are dropped as too_small, "
+                        "in every --faces mode (default 32; 0: keep any)")
     p.add_argument("--max-shard-samples", type=int, help="samples per output shard (default 1000)")
     p.add_argument("--work-shard-size", type=int, help="candidates per work shard (default 256)")
     p.add_argument("--conflicts", choices=("skip", "first"),
@@ -503,19 +504,20 @@ def parser() -> argparse.ArgumentParser:
                         "canonical order, flagged `conflict`")
     p.add_argument("--config", help="YAML file of settings (same names as --set)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. fetch.timeout_s=5 faces.min_score=0.95 dedupe.max_distance=6 (repeatable)")
+                   help="any setting, e.g. fetch.timeout_s=5 faces.min_score=0.95 dedupe.max_distance=6 "
+                        "fetch.inflight_bytes=268435456 (bytes of bodies a worker holds at once, default 512 MiB) "
+                        "(repeatable)")
     p.add_argument("--provider-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a provider setting, e.g. max_retries=0 page_size=20 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--log-level", default="INFO")
+    add_log_level(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CrawlConfig:
     cfg = CrawlConfig(out=args.out, provider=args.provider, distribute=DistributeConfig(workers=os.cpu_count() or 1))
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = read_yaml(args.config) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of settings")
         for key, value in loaded.items():
@@ -523,7 +525,8 @@ def config_from_args(args: argparse.Namespace) -> CrawlConfig:
     flags = {
         "queries": args.queries, "api_base": args.api_base, "input": args.input, "faces.mode": args.faces,
         "distribute.ray_address": args.ray_address, "distribute.workers": args.workers, "per_query": args.per_query,
-        "faces.crop_size": args.crop_size, "max_shard_samples": args.max_shard_samples,
+        "faces.crop_size": args.crop_size, "decode.min_side": args.min_side,
+        "max_shard_samples": args.max_shard_samples,
         "work_shard_size": args.work_shard_size, "conflicts": args.conflicts,
     }
     for key, value in flags.items():
@@ -545,19 +548,17 @@ def config_from_args(args: argparse.Namespace) -> CrawlConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         cfg = config_from_args(args)
     except (ValueError, OSError) as exc:
-        print(f"crawler.build: error: {exc}", file=sys.stderr)
-        return 2
+        return bad_input(exc)
     try:
-        summary = run_crawl(cfg)
+        summary = run_crawl(cfg)  # validates every setting and input before it writes anything
     except CrawlConfigError as exc:
-        print(f"crawler.build: error: {exc}", file=sys.stderr)
-        return 2
+        return bad_input(exc)
     except CrawlError as exc:
-        print(f"crawler.build: the crawl could not run: {exc}", file=sys.stderr)
+        print(f"error: the crawl could not run: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary))
     print(f"summary written to {Path(cfg.out) / SUMMARY_NAME}")

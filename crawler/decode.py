@@ -28,8 +28,11 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 class DecodeConfig:
     #: Largest accepted image, in pixels, read from the header before decoding.
     max_pixels: int = 40_000_000
-    #: Smallest accepted side, in pixels (0: any).
-    min_side: int = 0
+    #: Smallest accepted side, in pixels (0: any); smaller pictures are counted as `too_small`. Under 32 px
+    #: a picture holds no face worth a 112 px crop (it would be blur upscaled 3.5x and more, and FER's
+    #: smallest common source, FER2013, is 48 px); it matters for `--faces none`, where the picture *is*
+    #: the face: the detectors' own floor (`faces.min_face_size`, 40) already refuses such faces.
+    min_side: int = 32
     #: When set, JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both sides >= this.
     draft_min_side: int | None = None
     formats: tuple[str, ...] = FORMATS

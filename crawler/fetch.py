@@ -7,18 +7,23 @@ slow consumer mid-read. What img2dataset's downloader lacks, and this adds:
 - one deadline per HTTP request (connect, headers and body together), not per socket read;
 - a streaming byte cap: a body over `max_bytes` is abandoned as soon as it is known to be
   (from Content-Length, or while reading), never buffered whole;
+- a byte budget for bodies (`inflight_bytes`): room for a body (its Content-Length, else the
+  cap) is reserved before its first byte is read and given back only once the consumer has
+  let go of it, so memory is bounded by the budget whatever the concurrency (64 reads of
+  25 MB bodies would otherwise hold 1.6 GB);
 - retries only for timeouts, 429 and 5xx, with exponential backoff and `Retry-After`
   (which also pauses the whole host); never for a 404;
 - a global and a per-host concurrency limit and a per-host token bucket;
 - the project's honest User-Agent (`crawler.http.USER_AGENT`);
 - `X-Robots-Tag` opt-outs read from the headers before the body;
-- only http/https; private, loopback and link-local addresses refused after DNS
-  resolution unless allow-listed (`crawler.netguard`); redirects followed by hand, each
-  hop checked the same way, bounded and loop-checked.
+- only http/https; private, loopback and link-local peers refused by the socket factory of
+  every connection, whatever spelling or DNS answer led there, unless allow-listed
+  (`crawler.netguard`); redirects followed by hand, bounded and loop-checked.
 
-A deadline covers one HTTP request; a redirect hop is a new request with its own.
+A deadline covers one HTTP request; a redirect hop is a new request with its own; time
+spent waiting for room in the byte budget is ours, not the server's, and does not count.
 Results are bounded in memory: at most `buffer` results exist between the network and
-the consumer (fetched-but-unconsumed plus in flight).
+the consumer (fetched-but-unconsumed plus in flight), holding at most `inflight_bytes`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import queue
 import re
@@ -36,7 +42,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 from urllib.parse import urljoin, urlsplit
 
 from crawler.http import USER_AGENT, backoff_seconds, retry_after_seconds
-from crawler.netguard import AllowList, ForbiddenAddress, check_literal, check_scheme, guarded_resolver
+from crawler.netguard import AllowList, check_scheme, connecting_to, guarded_socket_factory
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,9 @@ class FetchConfig:
     user_agent: str = USER_AGENT
     #: Results held between the network and the consumer (memory bound).
     buffer: int = 64
+    #: Bytes of bodies one fetch stream holds at once (being read, waiting for the consumer, and the
+    #: one the consumer holds); at least twice `max_bytes`. A worker process runs one stream at a time.
+    inflight_bytes: int = 512 * 1024 * 1024
 
     def validate(self) -> "FetchConfig":
         positive = {
@@ -80,6 +89,7 @@ class FetchConfig:
             "per_host_concurrency": self.per_host_concurrency,
             "per_host_burst": self.per_host_burst,
             "buffer": self.buffer,
+            "inflight_bytes": self.inflight_bytes,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -87,6 +97,10 @@ class FetchConfig:
         for name in ("retries", "backoff_s", "backoff_max_s", "retry_after_max_s", "max_redirects", "per_host_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"fetch setting {name} must be >= 0, got {getattr(self, name)}")
+        if self.inflight_bytes < 2 * self.max_bytes:
+            # The consumer holds one body while the next is read: two capped bodies must fit.
+            raise ValueError(f"fetch setting inflight_bytes ({self.inflight_bytes}) must be at least twice "
+                             f"max_bytes ({self.max_bytes})")
         if not self.user_agent.strip():
             raise ValueError("fetch setting user_agent must not be empty")
         AllowList.parse(self.allow_hosts)  # raises on a malformed entry
@@ -182,11 +196,13 @@ class _Bucket:
 
 
 class _Gate:
-    """Bounds results handed to the consumer thread but not yet consumed.
+    """Bounds what is taken on the event loop and given back from the consumer thread:
+    results handed over but not yet consumed, or bytes of bodies.
 
-    The consumer's release wakes the event loop only when fetches wait for room, and then
-    once half the room is free: a wake-up per result (`call_soon_threadsafe`) costs a GIL
-    hand-over each, a fifth of the crawl's time when measured.
+    A release wakes the event loop only when fetches wait for room, and then once half
+    the room is free: a wake-up per result (`call_soon_threadsafe`) costs a GIL hand-over
+    each, a fifth of the crawl's time when measured. One acquire never asks for more than
+    `limit` (the config's checks see to it), so a waiter is served once the rest is back.
     """
 
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -195,20 +211,22 @@ class _Gate:
         self.lock = threading.Lock()
         self.waiters: list[asyncio.Future] = []
 
-    async def acquire(self) -> None:
+    async def acquire(self, amount: int = 1) -> None:
         while True:
             with self.lock:
-                if self.held < self.limit:
-                    self.held += 1
+                if self.held + amount <= self.limit:
+                    self.held += amount
                     return
                 waiter = self.loop.create_future()
                 self.waiters.append(waiter)
             await waiter
 
-    def release(self) -> None:
-        """Called from the consumer thread; wakes the waiting fetches once half the room is free."""
+    def release(self, amount: int = 1) -> None:
+        """Called from either thread; wakes the waiting fetches once half the room is free."""
+        if not amount:
+            return
         with self.lock:
-            self.held -= 1
+            self.held -= amount
             if not self.waiters or self.held > self.limit // 2:
                 return
             waiters, self.waiters = self.waiters, []
@@ -263,14 +281,19 @@ class Fetcher:
     # -- the synchronous face ----------------------------------------------------------
 
     def fetch_all(self, urls: Sequence[str]) -> list[FetchResult]:
-        """Fetch every URL; results in input order."""
+        """Fetch every URL; results in input order (all bodies held at once: for short lists)."""
         results: list[FetchResult | None] = [None] * len(urls)
         for i, result in self.stream(urls):
             results[i] = result
         return results  # type: ignore[return-value]
 
     def stream(self, urls: Sequence[str]) -> Iterator[tuple[int, FetchResult]]:
-        """Fetch on a background event loop; yield results in completion order."""
+        """Fetch on a background event loop; yield results in completion order.
+
+        A result's bytes count against `inflight_bytes` until the consumer asks for the
+        result after the next: a consumer that loops over the stream still holds the
+        last result it was given while it waits for the next one.
+        """
         urls = list(urls)
         if not urls:
             return
@@ -283,8 +306,9 @@ class Fetcher:
             state["loop"] = asyncio.get_running_loop()
             state["task"] = asyncio.current_task()
             state["gate"] = _Gate(self.config.buffer, state["loop"])
+            state["budget"] = _Gate(self.config.inflight_bytes, state["loop"])
             ready.set()
-            await self.run(urls, out.put, state["gate"])
+            await self.run(urls, out.put, state["gate"], state["budget"])
 
         def thread_main() -> None:
             try:
@@ -300,15 +324,19 @@ class Fetcher:
         thread = threading.Thread(target=thread_main, name="crawler-fetch", daemon=True)
         thread.start()
         ready.wait()
+        last = before_last = 0  # bytes of the last result handed out, and of the one before it
         try:
             while True:
+                with contextlib.suppress(RuntimeError):  # the loop may have just closed
+                    state["budget"].release(before_last)  # asking again, the consumer let go of that one
                 item = out.get()
                 if item is done:
                     break
                 if isinstance(item, BaseException):
                     raise FetchError(f"the fetcher failed: {item!r}") from item
-                with contextlib.suppress(RuntimeError):  # the loop may have just closed
+                with contextlib.suppress(RuntimeError):
                     state["gate"].release()
+                before_last, last = last, len(item[1].data or b"")
                 yield item
         finally:
             if thread.is_alive() and "loop" in state:
@@ -324,7 +352,7 @@ class Fetcher:
         connector = aiohttp.TCPConnector(
             limit=self.config.concurrency,
             limit_per_host=0,  # per-host slots are ours (HostLimits), one per hop
-            resolver=guarded_resolver(self.allow),
+            socket_factory=guarded_socket_factory(self.allow),
             ttl_dns_cache=300,
         )
         return aiohttp.ClientSession(
@@ -335,27 +363,29 @@ class Fetcher:
             trust_env=False,
         )
 
-    async def run(self, urls: Sequence[str], emit, slots: "_Gate | asyncio.Semaphore | None" = None) -> None:
-        """Fetch `urls` with `concurrency` workers, calling `emit((index, result))` for each."""
+    async def run(self, urls: Sequence[str], emit, slots: _Gate, budget: _Gate) -> None:
+        """Fetch `urls` with `concurrency` workers, calling `emit((index, result))` for each.
+
+        A result takes one of `slots`, and its body's bytes of `budget`; the consumer gives them back.
+        """
         pending = iter(enumerate(urls))
         limits = HostLimits(self.config, self.buckets)
         async with self.session() as session:
 
             async def worker() -> None:
                 for i, url in pending:
-                    if slots is not None:
-                        await slots.acquire()
-                    emit((i, await self.fetch(session, limits, url)))
+                    await slots.acquire()
+                    emit((i, await self.fetch(session, limits, budget, url)))
 
             await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(urls)))))
 
-    async def fetch(self, session, limits: HostLimits, url: str) -> FetchResult:
+    async def fetch(self, session, limits: HostLimits, budget: _Gate, url: str) -> FetchResult:
         """One URL with its retries; never raises for a per-URL fault."""
         cfg = self.config
         start = time.monotonic()
         attempt = 0
         while True:
-            result, wait = await self._attempt(session, limits, url)
+            result, wait = await self._attempt(session, limits, budget, url)
             result.attempts = attempt + 1
             if not _retryable(result.status) or attempt >= cfg.retries:
                 break
@@ -373,9 +403,11 @@ class Fetcher:
         result.elapsed_s = time.monotonic() - start
         return result
 
-    async def _attempt(self, session, limits: HostLimits, url: str) -> tuple[FetchResult, float | None]:
+    async def _attempt(self, session, limits: HostLimits, budget: _Gate,
+                       url: str) -> tuple[FetchResult, float | None]:
         """Follow one URL through its redirects; returns the result and any Retry-After."""
         import aiohttp
+        from yarl import URL
 
         seen = {url}
         current = url
@@ -386,24 +418,26 @@ class Fetcher:
                                    final_url=current), None
             host = urlsplit(current).hostname or ""
             try:
-                check_literal(current, self.allow)
-                async with limits.slot(host):
-                    async with asyncio.timeout(self.config.timeout_s):
-                        outcome = await self._request(session, url, current)
-            except ForbiddenAddress as exc:
-                return FetchResult(url, "forbidden_address", error=str(exc), final_url=current), None
-            except TimeoutError:
-                return FetchResult(url, "timeout", error=f"no complete response within {self.config.timeout_s}s",
-                                   final_url=current), None
-            except aiohttp.ClientConnectorDNSError as exc:
-                if isinstance(exc.os_error, ForbiddenAddress):
-                    return FetchResult(url, "forbidden_address", error=str(exc.os_error), final_url=current), None
-                return FetchResult(url, "dns_error", error=str(exc), final_url=current), None
-            except (aiohttp.InvalidURL, ValueError) as exc:
+                peer = URL(current).raw_host or ""  # the host as aiohttp resolves and connects to it
+            except ValueError as exc:
                 return FetchResult(url, "bad_url", error=str(exc)[:300], final_url=current), None
-            except (aiohttp.ClientError, OSError) as exc:
-                return FetchResult(url, "connection_error", error=f"{type(exc).__name__}: {exc}"[:300],
-                                   final_url=current), None
+            with connecting_to(peer) as destination:
+                try:
+                    async with limits.slot(host):
+                        async with asyncio.timeout(self.config.timeout_s) as deadline:
+                            outcome = await self._request(session, budget, deadline, url, current)
+                except TimeoutError:
+                    return FetchResult(url, "timeout", error=f"no complete response within {self.config.timeout_s}s",
+                                       final_url=current), None
+                except (aiohttp.InvalidURL, ValueError) as exc:
+                    return FetchResult(url, "bad_url", error=str(exc)[:300], final_url=current), None
+                except (aiohttp.ClientError, OSError) as exc:
+                    if destination.refused:  # the guard refused every address the connection could use
+                        return FetchResult(url, "forbidden_address", error=destination.refused[0],
+                                           final_url=current), None
+                    reason = "dns_error" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connection_error"
+                    return FetchResult(url, reason, error=f"{type(exc).__name__}: {exc}"[:300],
+                                       final_url=current), None
             if isinstance(outcome, str):  # a redirect target
                 nxt = outcome
                 if nxt in seen:
@@ -417,8 +451,12 @@ class Fetcher:
         return FetchResult(url, "too_many_redirects", error=f"more than {self.config.max_redirects} redirects",
                            final_url=current), None
 
-    async def _request(self, session, url: str, current: str):
-        """One HTTP request: a redirect target (str), or (FetchResult, Retry-After seconds)."""
+    async def _request(self, session, budget: _Gate, deadline: asyncio.Timeout, url: str, current: str):
+        """One HTTP request: a redirect target (str), or (FetchResult, Retry-After seconds).
+
+        An ok result's body keeps its bytes of `budget` (the consumer gives them back);
+        any other outcome gives them back here.
+        """
         cfg = self.config
         async with session.get(current, allow_redirects=False) as resp:
             code = resp.status
@@ -442,17 +480,35 @@ class Fetcher:
                 return FetchResult(url, "too_large", http_status=code,
                                    error=f"Content-Length {resp.content_length} > {cfg.max_bytes}",
                                    final_url=current, content_type=ctype), None
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.content.iter_chunked(_CHUNK):
-                size += len(chunk)
-                if size > cfg.max_bytes:
-                    return FetchResult(url, "too_large", http_status=code,
-                                       error=f"body over {cfg.max_bytes} bytes (abandoned while reading)",
-                                       final_url=current, content_type=ctype), None
-                chunks.append(chunk)
-            data = b"".join(chunks)
+            # Room for the body, before its first byte: its length when the server states it for the
+            # bytes as sent, else the cap (a compressed body is inflated while read).
+            identity = resp.headers.get("Content-Encoding", "identity").lower() == "identity"
+            room = resp.content_length if identity and resp.content_length is not None else cfg.max_bytes
+            loop = asyncio.get_running_loop()
+            left = deadline.when() - loop.time()
+            deadline.reschedule(None)  # waiting for room is our own queueing, not the server's slowness
+            await budget.acquire(room)
+            deadline.reschedule(loop.time() + left)
+            data = None
+            try:
+                data = await _read_body(resp, room)
+            finally:
+                budget.release(room - len(data or b""))  # an ok body keeps its own bytes
+            if data is None:
+                return FetchResult(url, "too_large", http_status=code,
+                                   error=f"body over {room} bytes (abandoned while reading)",
+                                   final_url=current, content_type=ctype), None
             if not data:
                 return FetchResult(url, "empty_body", http_status=code, error="empty body", final_url=current,
                                    content_type=ctype), None
             return FetchResult(url, "ok", data=data, http_status=code, final_url=current, content_type=ctype), None
+
+
+async def _read_body(resp, limit: int) -> bytes | None:
+    """The body, or None once it passes `limit` bytes; one growing buffer, never the chunks and their join at once."""
+    buffer = io.BytesIO()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        if buffer.tell() + len(chunk) > limit:
+            return None
+        buffer.write(chunk)
+    return buffer.getvalue()

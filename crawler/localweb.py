@@ -24,7 +24,6 @@ It listens on a loopback address only: a host outside 127.0.0.0/8 is refused.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import hashlib
@@ -45,6 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from aiohttp import web
 from PIL import Image
 
+from crawler.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from crawler.queries import keyword_classes, load_queries, normalize_text
 from shards.classes import CANONICAL
 
@@ -86,6 +86,11 @@ class LocalWebSettings:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.broken + self.slow + self.nonimage > 1:
             raise ValueError("broken + slow + nonimage must not exceed 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535] (0: any free port), got {self.port}")
+        if self.slow_seconds < 0 or self.max_page_size < 1:
+            raise ValueError(f"slow_seconds must be >= 0 and max_page_size >= 1, got {self.slow_seconds} and "
+                             f"{self.max_page_size}")
         try:
             address = ipaddress.ip_address(self.host)
         except ValueError:
@@ -246,13 +251,17 @@ def read_corpus(corpus: Path) -> list[CorpusEntry]:
     index = corpus / "corpus.csv"
     entries = []
     if index.exists():
-        with open(index, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.DictReader(f), start=1):
-                if row.get("class") not in CANONICAL:
-                    raise ValueError(f"{index}: row {n}: unknown class {row.get('class')!r}; known: {list(CANONICAL)}")
-                if not (corpus / (row.get("file") or "")).is_file():
-                    raise ValueError(f"{index}: row {n}: file {row.get('file')!r} not found under {corpus}")
-                entries.append(CorpusEntry(row["file"], row["class"], _intensity(row.get("intensity"), index, n)))
+        try:
+            with open(index, newline="", encoding="utf-8") as f:
+                for n, row in enumerate(csv.DictReader(f), start=1):
+                    if row.get("class") not in CANONICAL:
+                        raise ValueError(f"{index}: row {n}: unknown class {row.get('class')!r}; "
+                                         f"known: {list(CANONICAL)}")
+                    if not (corpus / (row.get("file") or "")).is_file():
+                        raise ValueError(f"{index}: row {n}: file {row.get('file')!r} not found under {corpus}")
+                    entries.append(CorpusEntry(row["file"], row["class"], _intensity(row.get("intensity"), index, n)))
+        except (UnicodeDecodeError, csv.Error) as exc:  # messages that do not name the file
+            raise ValueError(f"{index}: not a readable CSV ({exc})") from exc
         return entries
     if not corpus.is_dir():
         raise ValueError(f"corpus {corpus} is not a directory")
@@ -531,19 +540,21 @@ def _size(path: Path) -> tuple[int | None, int | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crawler.localweb", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m crawler.localweb", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True, help="corpus folder (corpus.csv, or one folder per class)")
     defaults = LocalWebSettings()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help="default: %(default)s")
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         local_web = LocalWeb(args.corpus, LocalWebSettings(**{name: getattr(args, name) for name in asdict(defaults)}))
-    except ValueError as exc:
-        parser.error(str(exc))
+        local_web.start()
+    except (ValueError, OSError) as exc:  # a bad corpus or setting; an address already in use
+        return bad_input(exc)
     stop = threading.Event()
-    with local_web:
+    try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         print(local_web.base_url)
@@ -551,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("%d images, %d classes", len(local_web.catalog.images), len(local_web.catalog.results))
         while not stop.wait(0.5):
             pass
+    finally:
+        local_web.stop()
     return 0
 
 

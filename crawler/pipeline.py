@@ -53,7 +53,7 @@ ConflictPolicy = Literal["skip", "first"]
 #: Statuses a candidate can end with, grouped for the summary.
 FETCH_OK = "ok"
 SKIPPED = ("conflict_skipped", "bad_label")
-DECODE_FAILURES = ("not_image", "truncated", "too_many_pixels", "decompression_bomb", "too_small", "decode_error",
+DECODE_FAILURES = ("not_image", "truncated", "too_many_pixels", "decompression_bomb", "decode_error",
                    "not_video", "no_video_stream", "frame_too_large", "video_error")
 
 STATUS_SCHEMA = pa.schema(
@@ -117,6 +117,7 @@ class PipelineConfig:
 
     def validate(self) -> "PipelineConfig":
         self.fetch.validate()
+        self.video_fetch().validate()
         self.decode.validate()
         self.faces.validate()
         self.dedupe.validate()
@@ -128,6 +129,10 @@ class PipelineConfig:
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
         return self
+
+    def video_fetch(self) -> FetchConfig:
+        """The fetch settings for videos: the same, with the video byte cap."""
+        return dataclasses.replace(self.fetch, max_bytes=self.frames.max_bytes)
 
     def decode_for_faces(self) -> DecodeConfig:
         """The decode settings used: JPEGs are drafted down to what the face stage can use."""
@@ -175,9 +180,8 @@ def _stages(config: PipelineConfig) -> _Stages:
             import torch
 
             torch.set_num_threads(config.torch_threads)  # this process is a dedicated worker
-        video_fetch = dataclasses.replace(config.fetch, max_bytes=config.frames.max_bytes)
-        _STAGES[config] = _Stages(Fetcher(config.fetch), Fetcher(video_fetch), Decoder(config.decode_for_faces()),
-                                  FaceStage(config.faces).load())
+        _STAGES[config] = _Stages(Fetcher(config.fetch), Fetcher(config.video_fetch()),
+                                  Decoder(config.decode_for_faces()), FaceStage(config.faces).load())
     return _STAGES[config]
 
 
@@ -353,6 +357,10 @@ def _process_video(data: bytes, config: PipelineConfig,
     fields_: dict[str, Any] = {"width": sampled.width, "height": sampled.height, "frames": len(sampled.frames)}
     if not sampled.ok:
         fields_.update(status=sampled.status, error=sampled.error)
+        return fields_, []
+    if min(sampled.width or 0, sampled.height or 0) < config.decode.min_side:  # frames are pictures too
+        fields_.update(status="too_small", error=f"{sampled.width}x{sampled.height}: a side under "
+                                                 f"{config.decode.min_side}")
         return fields_, []
     found, rejected, out = 0, Counter(), []
     for frame in sampled.frames:

@@ -11,8 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from crawler.settings import read_yaml
 from shards.classes import CANONICAL
 
 #: The built-in taxonomy: all canonical classes, ten languages.
@@ -40,8 +39,7 @@ def load_queries(path: str | Path | None = None) -> list[Query]:
     is an error, as are class names outside the canonical list.
     """
     path = Path(path) if path is not None else DEFAULT_QUERIES
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a mapping {{class: {{lang: [keyword, ...]}}}}")
     queries: dict[Query, None] = {}

@@ -4,11 +4,13 @@ A YouTube result is a page, not a file; yt-dlp knows how to turn a page (YouTube
 any of the sites it supports, or a direct media link) into the URL of one rendition.
 Only the smallest useful rendition is asked for (<= 480 lines; faces are cropped to 112
 or 224 px), and only its URL: the bytes are fetched by the fetch stage like any image,
-under its address guard, deadline and byte cap. yt-dlp's own page requests run outside
-that stage, so the page's host is checked here first (every address it resolves to must
-be public or allow-listed); redirects inside yt-dlp are its own. yt-dlp is an optional
-extra, imported on first use, and reached only for `video_page` candidates, which only
-the opt-in YouTube provider and URL lists that ask for them produce.
+under its address guard, deadline and byte cap. yt-dlp's own requests (the page, its
+redirects, whatever the extractor fetches) go through a `GuardProxy` of this process,
+which applies the same guard where each connection is made, and only the extractors the
+project uses are loaded (YouTube's and the generic one, for direct links and plain
+pages). yt-dlp is an optional extra, imported on first use, and reached only for
+`video_page` candidates, which only the opt-in YouTube provider and URL lists that ask
+for them produce.
 """
 
 from __future__ import annotations
@@ -16,21 +18,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from crawler.netguard import AllowList, ForbiddenAddress, check_host, check_scheme
+from crawler.guardproxy import GuardProxy
+from crawler.netguard import AllowList, check_scheme
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'scn-scale[video]'"
 #: A video-only or progressive rendition of at most 480 lines, else the smallest there is.
 FORMAT = "bv*[height<=480]/b[height<=480]/wv*/w"
+#: yt-dlp extractors loaded (its `allowed_extractors`, names matched whole): watch pages and direct links.
+EXTRACTORS = ["youtube", "generic"]
 
 
 @dataclass
 class Resolved:
     page_url: str
-    status: str  # "ok", "bad_scheme", "forbidden_address", "dns_error", "resolve_failed"
+    status: str  # "ok", "bad_scheme", "forbidden_address", "resolve_failed"
     media_url: str | None = None
     error: str | None = None
     title: str | None = None
@@ -54,9 +58,11 @@ class Resolver:
             raise RuntimeError(f"video pages need yt-dlp: {INSTALL_HINT}") from None
         self._yt_dlp = yt_dlp
         self.allow = allow
+        self.timeout_s = timeout_s
         self.options: dict[str, Any] = {
             "quiet": True, "no_warnings": True, "skip_download": True, "noplaylist": True, "format": FORMAT,
             "socket_timeout": timeout_s, "retries": 1, "extractor_retries": 1, "logger": YtDlpLog(),
+            "allowed_extractors": EXTRACTORS,
         }
         if user_agent:
             self.options["http_headers"] = {"User-Agent": user_agent}
@@ -65,17 +71,14 @@ class Resolver:
         """One page's media URL, or why there is none (a status, never an exception)."""
         if check_scheme(page_url):
             return Resolved(page_url, "bad_scheme", error="only http and https pages are resolved")
-        try:
-            check_host(urlsplit(page_url).hostname or "", self.allow)
-        except ForbiddenAddress as e:
-            return Resolved(page_url, "forbidden_address", error=str(e))
-        except OSError as e:
-            return Resolved(page_url, "dns_error", error=f"{type(e).__name__}: {e}"[:300])
-        try:
-            with self._yt_dlp.YoutubeDL(self.options) as ydl:
-                info = ydl.extract_info(page_url, download=False) or {}
-        except Exception as e:  # yt-dlp's DownloadError wraps every extractor and network fault
-            return Resolved(page_url, "resolve_failed", error=f"{type(e).__name__}: {e}"[:300])
+        with GuardProxy(self.allow, self.timeout_s) as proxy:
+            try:
+                with self._yt_dlp.YoutubeDL({**self.options, "proxy": proxy.url}) as ydl:
+                    info = ydl.extract_info(page_url, download=False) or {}
+            except Exception as e:  # yt-dlp's DownloadError wraps every extractor and network fault
+                if proxy.refused:
+                    return Resolved(page_url, "forbidden_address", error=proxy.refused[0])
+                return Resolved(page_url, "resolve_failed", error=f"{type(e).__name__}: {e}"[:300])
         media = info.get("url") or next((f.get("url") for f in info.get("requested_formats") or [] if f.get("url")), None)
         if not media:
             return Resolved(page_url, "resolve_failed", error="yt-dlp found no media URL for the chosen format")

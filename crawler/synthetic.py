@@ -13,7 +13,6 @@ can be regenerated alone and the output does not depend on generation order.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from crawler.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from crawler.synthetic_draw import Expression, Identity, render, sample_camera, sample_identity, sample_pose
 from shards.atomic import write_bytes, write_json, write_text
 from shards.classes import BASIC7, CANONICAL, validate_classes
@@ -110,6 +110,10 @@ def encode_jpeg(image: Image.Image, info: dict) -> bytes:
     return buf.getvalue()
 
 
+#: Largest image side drawn: a 100000 px request would otherwise ask for 30 GB of pixels per image.
+MAX_SIZE = 1024
+
+
 @dataclass
 class CorpusConfig:
     out: str
@@ -142,8 +146,13 @@ class CorpusConfig:
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"intensity_range {self.intensity_range} must satisfy 0 <= low <= high <= 1")
         size = self.size or (RAFDB_SIZE if self.layout == "rafdb" else 112)
-        if size < 16:
-            raise ValueError(f"size {size} is too small to draw a face")
+        if not 16 <= size <= MAX_SIZE:
+            raise ValueError(f"size {size} is outside [16, {MAX_SIZE}] pixels (a face crop: 16 draws a face, "
+                             f"the project's largest crop is 224)")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out {self.out} exists and is not a directory")
         if self.layout == "rafdb":
             n_test = round(self.per_class * self.test_fraction) * len(classes)
             if not 0 < self.test_fraction < 1 or self.identities < 2:
@@ -231,7 +240,7 @@ def generate_corpus(cfg: CorpusConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crawler.synthetic", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m crawler.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--per-class", type=int, default=250)
     parser.add_argument("--size", type=int, default=None, help="default 112 (folder) or 100 (rafdb)")
@@ -241,13 +250,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--identities", type=int, default=400)
     parser.add_argument("--intensity", choices=["uniform", "beta"], default="uniform")
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
     cfg = CorpusConfig(
         out=args.out, per_class=args.per_class, size=args.size, seed=args.seed, layout=args.layout,
         classes=args.classes.split(",") if args.classes else None, identities=args.identities,
         intensity=args.intensity, test_fraction=args.test_fraction,
     )
+    try:
+        cfg = cfg.resolved()  # every check, before any file is written
+    except ValueError as exc:
+        return bad_input(exc)
     summary = generate_corpus(cfg)
     for cls, n in summary["per_class"].items():
         print(f"  {cls:<10} {n:>6}")

@@ -37,7 +37,7 @@ def test_good_jpeg_and_png() -> None:
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "1", "CMYK", "I;16"])
 def test_any_mode_becomes_rgb(mode: str) -> None:
-    image = gradient().convert(mode) if mode != "I;16" else Image.new("I;16", (20, 10))
+    image = gradient().convert(mode) if mode != "I;16" else Image.new("I;16", (40, 32))
     fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
     result = Decoder()(encode(image, fmt))
     assert result.ok and result.image.mode == "RGB"
@@ -97,6 +97,10 @@ def test_warning_filters_are_left_as_they_were() -> None:
 
 def test_too_small() -> None:
     assert Decoder(DecodeConfig(min_side=50))(encode(gradient(64, 48))).status == "too_small"
+    # On by default: a 2x2 picture is no face, whatever the face mode does with it next.
+    assert Decoder()(encode(gradient(2, 2), "PNG")).status == "too_small"
+    assert Decoder()(encode(gradient(32, 32), "PNG")).ok
+    assert Decoder(DecodeConfig(min_side=0))(encode(gradient(2, 2), "PNG")).ok
 
 
 def test_draft_decodes_big_jpegs_small() -> None:

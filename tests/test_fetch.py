@@ -61,6 +61,16 @@ def test_agent_token_names_the_project() -> None:
         ("fc00::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
         ("224.0.0.1", False),
+        # IPv6 that reaches an IPv4 address counts as that address:
+        ("2002:a9fe:a9fe::", False),  # 6to4 embedding 169.254.169.254
+        ("2002:7f00:2::1", False),  # 6to4 embedding 127.0.0.2
+        ("2002:808:808::", True),  # 6to4 embedding 8.8.8.8
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 embedding 169.254.169.254
+        ("64:ff9b::7f00:1", False),  # NAT64 embedding 127.0.0.1
+        ("64:ff9b::808:808", True),  # NAT64 embedding 8.8.8.8
+        ("2001:0:4136:e378:8000:63bf:80ff:fffd", False),  # Teredo, client 127.0.0.2 (stored XOR 0xffffffff)
+        ("2001:0:4136:e378:8000:63bf:5601:5655", False),  # Teredo, client 169.254.169.170
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),  # Teredo, client 8.8.8.8
     ],
 )
 def test_is_public(address, public) -> None:
@@ -72,6 +82,8 @@ def test_allow_list_and_schemes() -> None:
     assert allow.allows_ip(ipaddress.ip_address("127.0.0.1"))
     assert not allow.allows_ip(ipaddress.ip_address("127.0.0.2"))
     assert allow.allows_ip(ipaddress.ip_address("10.9.8.7"))
+    assert allow.allows_ip(ipaddress.ip_address("::ffff:127.0.0.1"))  # an allowed IPv4, however it is embedded
+    assert not allow.allows_ip(ipaddress.ip_address("2002:7f00:2::"))  # 6to4 of 127.0.0.2
     assert allow.allows_name("images.internal.")
     with pytest.raises(ValueError):
         AllowList.parse(["http://x/"])
@@ -133,12 +145,16 @@ def server():
     async def echo(request):
         return web.Response(body=request.headers.get("User-Agent", "").encode(), content_type="image/jpeg")
 
+    async def body(request):
+        return web.Response(body=b"\xff" * int(request.match_info["size"]), content_type="image/jpeg")
+
     app = web.Application(middlewares=[track])
     app.router.add_get("/img/{name}", image)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/chain/{n}", chain)
     app.router.add_get("/ua", echo)
+    app.router.add_get("/body/{size}", body)
     app.router.add_get("/loop/{x}", loop)
     with ServerThread(app, "127.0.0.1") as srv:
         yield srv.base_url, rec
@@ -260,6 +276,19 @@ def test_byte_cap(server) -> None:
     base, _ = server
     (big,) = fetch([f"{base}/img/{'x' * 50}"], max_bytes=100)
     assert big.status == "too_large" and big.data is None
+
+
+def test_bodies_wait_for_the_consumer_and_the_wait_is_not_the_servers(server) -> None:
+    base, _ = server
+    # Room for two 60 KiB bodies: the one the consumer holds and one more. The consumer is slow, so the
+    # last body waits about 2 s for room, twice its request's deadline: a wait of ours, not a timeout.
+    cfg = FetchConfig(allow_hosts=("127.0.0.1",), max_bytes=64 * 1024, inflight_bytes=128 * 1024, per_host_rate=0,
+                      timeout_s=1.0, retries=0)
+    statuses = []
+    for _, result in Fetcher(cfg).stream([f"{base}/body/{60 * 1024}?n={i}" for i in range(8)]):
+        statuses.append(result.status)
+        time.sleep(0.3)
+    assert statuses == ["ok"] * 8
 
 
 def test_connection_refused_is_a_status(server) -> None:

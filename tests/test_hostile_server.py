@@ -1,8 +1,9 @@
 """A crawl of a hostile web server: every failure counted under its own reason, nothing partial written.
 
 The server runs in this process on 127.0.0.1; a second one on 127.0.0.2 plays the
-"internal" host a redirect points at. 127.0.0.2 is left off the allow-list, so the
-crawl must refuse it, and that server must see no request at all.
+"internal" host a redirect points at (also spelled with fullwidth digits or ideographic
+full stops, which the HTTP client turns into 127.0.0.2). 127.0.0.2 is left off the
+allow-list, so the crawl must refuse it, and that server must see no request at all.
 """
 
 from __future__ import annotations
@@ -53,6 +54,30 @@ def bomb_png(width: int = 10_000, height: int = 10_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
+def tiny_png() -> bytes:
+    """A valid 2x2 picture: with --faces none it would become a whole 112 px crop of blur."""
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2), (200, 150, 120)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def respell(base_url: str, table: dict[int, int]) -> str:
+    """`http://HOST:PORT` with HOST's characters translated: a spelling HTTP clients map back to the same host."""
+    scheme, _, rest = base_url.partition("://")
+    host, _, port = rest.partition(":")
+    return f"{scheme}://{host.translate(table)}:{port}"
+
+
+def fullwidth(base_url: str) -> str:
+    """１２７.０.０.２ for 127.0.0.2 (fullwidth digits)."""
+    return respell(base_url, {ord(d): 0xFF10 + int(d) for d in "0123456789"})
+
+
+def ideographic(base_url: str) -> str:
+    """127。0。0。2 for 127.0.0.2 (ideographic full stops)."""
+    return respell(base_url, {ord("."): 0x3002})
+
+
 class HostileWeb:
     """Routes that each misbehave one way; counts hits per path and the User-Agents seen."""
 
@@ -66,6 +91,7 @@ class HostileWeb:
         self.images["/img/redirected.jpg"] = photo_jpeg(101)
         self.images["/img/otherbot.jpg"] = photo_jpeg(102)
         self.bomb = bomb_png()
+        self.tiny = tiny_png()
         app = web.Application(middlewares=[self._count])
         app.router.add_get("/img/{name}", self._image)
         app.router.add_get("/status/{code}", self._status)
@@ -76,10 +102,12 @@ class HostileWeb:
         app.router.add_get("/huge-declared.jpg", self._huge_declared)
         app.router.add_get("/huge-stream.jpg", self._huge_stream)
         app.router.add_get("/bomb.png", self._bomb)
+        app.router.add_get("/tiny.png", self._tiny)
         app.router.add_get("/loop-a", self._redirect("/loop-b"))
         app.router.add_get("/loop-b", self._redirect("/loop-a"))
         app.router.add_get("/to-good", self._redirect("/img/redirected.jpg"))
         app.router.add_get("/to-internal", self._redirect_internal)
+        app.router.add_get("/to-internal-spelled", self._redirect_internal_spelled)
         app.router.add_get("/to-file", self._redirect("file:///etc/passwd"))
         app.router.add_get("/noai.jpg", self._robots("noai"))
         app.router.add_get("/agent-noimageai.jpg", self._robots("scn-scale: noimageai, nofollow"))
@@ -147,6 +175,9 @@ class HostileWeb:
     async def _bomb(self, request):
         return web.Response(body=self.bomb, content_type="image/png")
 
+    async def _tiny(self, request):
+        return web.Response(body=self.tiny, content_type="image/png")
+
     def _redirect(self, location: str):
         async def handler(request):
             return web.Response(status=302, headers={"Location": location})
@@ -155,6 +186,10 @@ class HostileWeb:
 
     async def _redirect_internal(self, request):
         return web.Response(status=302, headers={"Location": f"{self.internal_url}/img/good-0.jpg"})
+
+    async def _redirect_internal_spelled(self, request):
+        # aiohttp sends header values as UTF-8: this Location goes out as raw UTF-8 bytes.
+        return web.Response(status=302, headers={"Location": f"{fullwidth(self.internal_url)}/img/good-2.jpg"})
 
     def _robots(self, value: str):
         async def handler(request):
@@ -194,13 +229,16 @@ EXPECTED = {
     "/huge-declared.jpg": "too_large",
     "/huge-stream.jpg": "too_large",
     "/bomb.png": "decompression_bomb",
+    "/tiny.png": "too_small",
     "/loop-a": "redirect_loop",
     "/to-internal": "forbidden_address",
+    "/to-internal-spelled": "forbidden_address",
     "/to-file": "bad_scheme",
     "/noai.jpg": "opted_out",
     "/agent-noimageai.jpg": "opted_out",
     "ftp://127.0.0.1/pictures/face.jpg": "bad_scheme",
     "INTERNAL/img/good-1.jpg": "forbidden_address",
+    "IDEOGRAPHIC/img/good-3.jpg": "forbidden_address",
     **{path: "ok" for path in GOOD},
     "/img/after-429.jpg": "ok",
     "/to-good": "ok",
@@ -215,6 +253,8 @@ def test_hostile_crawl(servers, tmp_path: Path, capsys) -> None:
     for path in EXPECTED:
         if path.startswith("INTERNAL"):
             urls[path] = internal + path[len("INTERNAL"):]
+        elif path.startswith("IDEOGRAPHIC"):
+            urls[path] = ideographic(internal) + path[len("IDEOGRAPHIC"):]
         elif "://" in path:
             urls[path] = path
         else:
@@ -251,9 +291,10 @@ def test_hostile_crawl(servers, tmp_path: Path, capsys) -> None:
 
     # The summary counts every failure under its reason.
     summary = json.loads((out / "crawl_summary.json").read_text())
-    expected_failed = Counter(v for v in EXPECTED.values() if v not in ("ok", "opted_out"))
+    expected_failed = Counter(v for v in EXPECTED.values() if v not in ("ok", "opted_out", "too_small"))
     assert summary["failed"] == dict(expected_failed)
     assert summary["opted_out"] == 2
+    assert summary["too_small"] == 1 and "too small" in printed
     assert summary["candidates"] == len(EXPECTED)
     good = [p for p, s in EXPECTED.items() if s == "ok"]
     assert summary["written"] == len(good)

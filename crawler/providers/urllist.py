@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import aiohttp
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crawler.candidate import MEDIA_TYPES, Candidate
@@ -37,10 +38,15 @@ class UrlListProvider:
         self.path = Path(input)
         self.rate = rate or self.default_rate
         self._rows: dict[Query, list[Candidate]] = {}
-        for n, row in enumerate(_read_rows(self.path), start=1):
-            candidate = self._candidate(n, row)
-            query = Query(label=candidate.label, text=candidate.query, lang=candidate.lang)
-            self._rows.setdefault(query, []).append(candidate)
+        try:
+            for n, row in enumerate(_read_rows(self.path), start=1):
+                candidate = self._candidate(n, row)
+                query = Query(label=candidate.label, text=candidate.query, lang=candidate.lang)
+                self._rows.setdefault(query, []).append(candidate)
+        except (UnicodeDecodeError, csv.Error, pa.ArrowException) as exc:  # messages that do not name the file
+            raise ValueError(f"{self.path}: not a readable URL list ({exc})") from exc
+        if not self._rows:
+            raise ValueError(f"{self.path}: the URL list has no rows")
 
     def queries(self) -> list[Query]:
         """The file's own queries, in order of first appearance."""

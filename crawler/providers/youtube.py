@@ -14,6 +14,9 @@ shards `crawler.resolve` turns it into a media URL, the fetcher fetches the vide
 with the search page's configuration taken from yt-dlp's defaults instead of fetched.
 Such a server speaks https only, as YouTube does; `verify_tls=False` accepts its
 self-signed certificate, and is refused for any host that is not a loopback address.
+Only yt-dlp's search extractor is loaded, and its requests go through a `GuardProxy`
+that lets them reach the `api_base` host (chosen by whoever runs the crawl, as every
+provider's API is) and public addresses, nothing else.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from crawler.candidate import Candidate
+from crawler.guardproxy import GuardProxy
 from crawler.http import RateLimiter, backoff_seconds, retry_after_seconds
+from crawler.netguard import AllowList
 from crawler.providers.base import ProviderError, RatePolicy, RetryPolicy, SearchPage
 from crawler.queries import Query
 from crawler.resolve import YtDlpLog
@@ -49,6 +54,7 @@ class YouTubeProvider:
         allow_youtube: bool = False,
         api_base: str = YOUTUBE,
         verify_tls: bool = True,
+        timeout_s: float = 30.0,
         rate: RatePolicy | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
@@ -71,9 +77,12 @@ class YouTubeProvider:
         self.rate = rate or self.default_rate
         self.retry = retry or RetryPolicy()
         self._limiter = RateLimiter(self.rate.requests_per_second)
+        self._allow = AllowList.parse([parts.hostname])
+        self.timeout_s = timeout_s
         self.options: dict[str, Any] = {
             "quiet": True, "no_warnings": True, "skip_download": True, "extract_flat": "in_playlist",
-            "logger": YtDlpLog(), "nocheckcertificate": not verify_tls,
+            "logger": YtDlpLog(), "nocheckcertificate": not verify_tls, "allowed_extractors": ["youtube:search"],
+            "socket_timeout": timeout_s,
             "extractor_retries": 0,  # retries are this provider's (yt-dlp would retry a 400 but not a 429)
         }
         if self.api_base != YOUTUBE:
@@ -110,7 +119,8 @@ class YouTubeProvider:
         return SearchPage(candidates[:limit], None)
 
     def _search(self, spec: str) -> list[dict[str, Any]]:
-        with self._yt_dlp.YoutubeDL(self.options) as ydl:
+        with GuardProxy(self._allow, self.timeout_s) as proxy, \
+                self._yt_dlp.YoutubeDL({**self.options, "proxy": proxy.url}) as ydl:
             info = ydl.extract_info(spec, download=False) or {}
         return [e for e in info.get("entries") or [] if isinstance(e, dict)]
 
