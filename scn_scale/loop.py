@@ -192,15 +192,17 @@ def read_train_labels(cfg: TrainConfig, overrides: dict[str, int]) -> TrainLabel
     return TrainLabels(given=given, truth=truth)
 
 
-def training_loss(out: SCNOutput, labels: torch.Tensor, cfg: TrainConfig) -> tuple[LossParts, torch.Tensor | None, int | None]:
-    """(loss parts, ranked alpha, this rank's offset in it) for one micro-batch.
+def training_loss(
+    out: SCNOutput, labels: torch.Tensor, cfg: TrainConfig, epoch: int
+) -> tuple[LossParts, torch.Tensor | None, int | None]:
+    """(loss parts, ranked alpha, this rank's offset in it) for one micro-batch of the 1-based `epoch`.
 
     SCN ranks alpha over this rank's batch, or with `scn.rank_scope: global` over every
     rank's (gathered; the relabel rule's "low" scope must group over the same alpha).
-    `method: baseline` is plain cross-entropy on the unscaled logits: alpha is computed
-    but receives no gradient, and there is no rank loss.
+    `method: baseline`, and SCN during its `scn.warmup_epochs`, is plain cross-entropy on
+    the unscaled logits: alpha is computed but receives no gradient, and there is no rank loss.
     """
-    if cfg.method == "baseline":
+    if cfg.method == "baseline" or epoch <= cfg.scn.warmup_epochs:
         loss = baseline_loss(out.logits, labels)
         return LossParts(loss, loss.detach(), loss.new_zeros(())), None, None
     ranked, offset = sync.gather_alpha(out.alpha) if cfg.scn.rank_scope == "global" else (None, None)
@@ -294,7 +296,7 @@ class Worker:
         """One micro-batch: loss, backward, (boundary) step; then the proposals from this forward pass."""
         with self.autocast():
             out = self.engine(images)
-        parts, ranked, offset = training_loss(out, labels, self.cfg)
+        parts, ranked, offset = training_loss(out, labels, self.cfg, epoch)
         self.engine.backward(parts.total)
         self.engine.step()
         if self.cfg.method == "baseline":

@@ -101,7 +101,9 @@ def _args(data: Data, out: Path, run_name: str, *extra: str) -> list[str]:
     return [
         "--config", CONFIG, f"train_shards={data.train}", f"val_shards={data.val}", f"label_overrides={data.noise}",
         f"out_dir={out}", f"run_name={run_name}", "image_size=32", "batch_size=16", "epochs=4",
-        "scn.relabel_epoch=3", *extra,
+        # A warm-up epoch of cross-entropy first: without it, relabel precision over these 4 epochs
+        # ranged 0.46-0.73 across seeds and data orders; with it 0.84 (scn.warmup_epochs).
+        "scn.relabel_epoch=3", "scn.warmup_epochs=1", *extra,
     ]
 
 
@@ -191,7 +193,7 @@ def test_baseline_is_plain_cross_entropy_and_scn_ranks_alpha() -> None:
     model, images, labels = SCNModel(len(CLASSES)), torch.randn(8, 3, 32, 32), torch.randint(0, len(CLASSES), (8,))
     cfg = TrainConfig(method="baseline")
     out = model(images)
-    parts, ranked, _ = training_loss(out, labels, cfg)
+    parts, ranked, _ = training_loss(out, labels, cfg, epoch=1)
     assert ranked is None and float(parts.rr) == 0.0
     assert torch.allclose(parts.total, torch.nn.functional.cross_entropy(out.logits, labels))
     parts.total.backward()
@@ -199,9 +201,26 @@ def test_baseline_is_plain_cross_entropy_and_scn_ranks_alpha() -> None:
 
     cfg = TrainConfig(scn=SCNConfig(rank_scope="global", delta1=1.0))
     out = model(images)
-    parts, ranked, offset = training_loss(out, labels, cfg)  # one process: the global batch is the local one
+    parts, ranked, offset = training_loss(out, labels, cfg, epoch=1)  # one process: the global batch is the local one
     assert offset == 0 and torch.equal(ranked, out.alpha) and float(parts.rr.detach()) > 0.0
     assert torch.allclose(parts.total, scn_loss(out, labels, cfg.scn).total)
+
+
+def test_scn_warm_up_is_cross_entropy_then_scn_and_relabels_after_it() -> None:
+    torch.manual_seed(0)
+    model, images, labels = SCNModel(len(CLASSES)), torch.randn(8, 3, 32, 32), torch.randint(0, len(CLASSES), (8,))
+    cfg = TrainConfig(scn=SCNConfig(warmup_epochs=2, relabel_epoch=3, delta1=1.0))
+    out = model(images)
+    parts, ranked, _ = training_loss(out, labels, cfg, epoch=2)  # the warm-up's last epoch
+    assert ranked is None and float(parts.rr) == 0.0
+    assert torch.allclose(parts.total, torch.nn.functional.cross_entropy(out.logits, labels))
+    parts.total.backward()
+    assert model.importance.weight.grad is None  # alpha held: the importance branch is not trained
+    out = model(images)
+    parts, _, _ = training_loss(out, labels, cfg, epoch=3)
+    assert float(parts.rr.detach()) > 0.0 and torch.allclose(parts.total, scn_loss(out, labels, cfg.scn).total)
+    with pytest.raises(ConfigError, match=r"relabel_epoch \(2\) must come after the warm-up's 2 epochs"):
+        load_config(TrainConfig, None, ["scn.warmup_epochs=2", "scn.relabel_epoch=2"])
 
 
 # Real runs on the session's Ray cluster; every run has its own name (a repeated name resumes).
