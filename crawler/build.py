@@ -35,6 +35,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import sys
 import time
 import typing
@@ -100,6 +101,10 @@ class CrawlConfig:
     provider_settings: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     work_shard_size: int = 256
+    #: Candidates are cut into work shards in a random order drawn from this seed, so work shards,
+    #: and the output shards they fill, each hold every class in about the crawl's proportions
+    #: (discovery lists them query by query, class by class). Recorded in plan.json and stats.json.
+    shuffle_seed: int = 0
     max_shard_samples: int = 1000
     max_shard_bytes: int = 256 * 1024 * 1024
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -185,6 +190,7 @@ def _plan(out: Path, cfg: CrawlConfig, num_candidates: int, classes: list[str]) 
         "candidates": num_candidates,
         "candidates_sha256": _sha256_file(out / CANDIDATES_NAME),
         "work_shard_size": cfg.work_shard_size,
+        "shuffle_seed": cfg.shuffle_seed,
         "classes": classes,
         "pipeline": pipeline,
     })
@@ -291,6 +297,7 @@ def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any],
     from shards.writer import ShardWriter
 
     rows = candidate_dicts(candidates, classes, cfg.pipeline.conflicts)
+    random.Random(cfg.shuffle_seed).shuffle(rows)
     size = cfg.work_shard_size
     num_shards = (len(rows) + size - 1) // size
     done = {i for i in range(num_shards) if _work_paths(out, i)[1].exists()}
@@ -300,7 +307,8 @@ def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any],
     fresh = sum(len(t[1]) for t in tasks)
     log.info("%d candidates in %d work shards; %d already done", len(rows), num_shards, len(done))
     crawl_start = time.monotonic()
-    with ShardWriter(out, classes, max_samples=cfg.max_shard_samples, max_bytes=cfg.max_shard_bytes) as writer:
+    with ShardWriter(out, classes, max_samples=cfg.max_shard_samples, max_bytes=cfg.max_shard_bytes,
+                     shuffle_seed=cfg.shuffle_seed) as writer:
         committer = Committer(writer, classes, cfg.pipeline.dedupe)
 
         def commit_ready() -> None:
@@ -499,6 +507,9 @@ def parser() -> argparse.ArgumentParser:
                         "in every --faces mode (default 32; 0: keep any)")
     p.add_argument("--max-shard-samples", type=int, help="samples per output shard (default 1000)")
     p.add_argument("--work-shard-size", type=int, help="candidates per work shard (default 256)")
+    p.add_argument("--shuffle-seed", type=int,
+                   help="candidates are crawled and written in a random order drawn from this seed, so every "
+                        "shard holds every class (default 0; recorded in stats.json)")
     p.add_argument("--conflicts", choices=("skip", "first"),
                    help="images found under several classes: skip them (default), or keep the first label in "
                         "canonical order, flagged `conflict`")
@@ -527,7 +538,7 @@ def config_from_args(args: argparse.Namespace) -> CrawlConfig:
         "distribute.ray_address": args.ray_address, "distribute.workers": args.workers, "per_query": args.per_query,
         "faces.crop_size": args.crop_size, "decode.min_side": args.min_side,
         "max_shard_samples": args.max_shard_samples,
-        "work_shard_size": args.work_shard_size, "conflicts": args.conflicts,
+        "work_shard_size": args.work_shard_size, "shuffle_seed": args.shuffle_seed, "conflicts": args.conflicts,
     }
     for key, value in flags.items():
         if value is not None:

@@ -68,10 +68,11 @@ def run_dir(out_dir: str, run_name: str) -> str:
 
 
 #: Settings a run cannot change when it resumes: they fix its data order (the reader plans
-#: each epoch from seed, shard set, ranks, loader workers and batch size), its labels and its method.
+#: each epoch from seed, shard set, ranks, loader workers, batch size and its mixing settings),
+#: its labels and its method.
 RESUME_FIXED = (
     "method", "seed", "train_shards", "label_overrides", "batch_size", "grad_accum", "num_workers",
-    "loader_workers", "balanced_sampler",
+    "loader_workers", "balanced_sampler", "reader",
 )
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 import yaml
 
 from shards.atomic import write_text
+from shards.reader import DEFAULT_INTERLEAVE, DEFAULT_SHUFFLE_BUFFER
 
 T = TypeVar("T")
 
@@ -98,6 +99,27 @@ class ModelConfig:
 
 
 @dataclass
+class ReaderConfig:
+    """How the training reader mixes a shard set, whatever order it was written in (shards.reader)."""
+
+    # Samples each loader worker holds, undecoded, and draws from at random. Memory is this
+    # times the bytes of a sample: 5,000 x 4-30 KB (112-224 px JPEG crops) = 20-150 MB per
+    # loader worker. OpenCLIP keeps 5,000.
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    # Pieces of shards (runs of consecutive samples) each loader worker reads at once, round
+    # robin. A piece of a class-sorted set holds one or two classes; 16 pieces give a batch of
+    # 32 about 7 of 8 classes (tests/test_mixing.py). At most this many shards are open per worker.
+    interleave: int = DEFAULT_INTERLEAVE
+
+    def validate(self) -> None:
+        _check_types(self, "reader.")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"reader.shuffle_buffer must be >= 0 (0: no buffer), got {self.shuffle_buffer}")
+        if self.interleave < 1:
+            raise ConfigError(f"reader.interleave must be >= 1, got {self.interleave}")
+
+
+@dataclass
 class TrainConfig:
     """The training job (`python -m scn_scale.train`). Defaults: the released code's RAF-DB recipe."""
 
@@ -134,6 +156,7 @@ class TrainConfig:
     address: str = ""  # Ray cluster address; "" = RAY_ADDRESS or a local cluster
     scn: SCNConfig = field(default_factory=SCNConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
 
     def validate(self) -> None:
         _check_types(self, "")
@@ -159,6 +182,7 @@ class TrainConfig:
                 raise ConfigError(f"fail_at must be comma-separated name=integer pairs, got {self.fail_at!r}")
         self.scn.validate()
         self.model.validate()
+        self.reader.validate()
 
 
 def load_config(cls: type[T], path: str | None, overrides: Sequence[str]) -> T:

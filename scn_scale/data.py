@@ -17,6 +17,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from shards import ShardSet, ShardStream, make_loader
+from shards.reader import DEFAULT_INTERLEAVE, DEFAULT_SHUFFLE_BUFFER
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,8 +26,13 @@ NOISE_SIGMA = 0.04
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
-    """JPEG/PNG/WebP bytes to a uint8 CHW tensor with libjpeg-turbo: no PIL round trip."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    """JPEG/PNG/WebP bytes to a uint8 CHW tensor with libjpeg-turbo: no PIL round trip.
+
+    The decoder returns a channels-last view; made contiguous here, because the transforms
+    after it run several times slower on strided tensors (Gaussian noise: 1.9 vs 0.29 ms
+    for a 112 px face, measured).
+    """
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).contiguous()
 
 
 def train_transform(image_size: int) -> v2.Compose:
@@ -66,11 +72,14 @@ def shard_loader(
     epoch: int = 1,
     overrides: Mapping[str, int] | None = None,
     balanced: bool = False,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    interleave: int = DEFAULT_INTERLEAVE,
 ) -> torch.utils.data.DataLoader:
     """A loader over this rank's part of the set for one epoch (1-based).
 
-    Training shuffles samples within a buffer; evaluation reads in order. `balanced`
-    draws every class equally often (by the set's class counts). Either way
+    Training mixes: `interleave` pieces of shards read at once into a buffer of
+    `shuffle_buffer` samples (shards.reader); evaluation reads in order and ignores both.
+    `balanced` draws every class equally often (by the set's class counts). Either way
     every rank gets the same number of batches, and the caller de-duplicates by key
     where each sample must count once.
     """
@@ -84,7 +93,8 @@ def shard_loader(
         decode=decode_rgb,
         seed=seed,
         overrides=overrides,
-        shuffle_buffer=4 * batch_size if train else 0,
+        shuffle_buffer=shuffle_buffer if train else 0,
+        interleave=interleave if train else 1,
         balanced=balanced,
     )
     stream.set_epoch(epoch)

@@ -78,11 +78,6 @@ class DemoScale:
     finetune_relabel_epoch: int
     image_size: int  # training input (the crawl's crops are 112 px, RAF-DB's 100 px)
     batch_size: int  # per rank
-    # Samples per shard. The crawler and the importers write samples class by class and the
-    # reader shuffles shard order plus a buffer of 4 batches, so only small shards give batches
-    # that mix the classes (shards of 100 left batches of one or two classes and halved the
-    # accuracy after 8 epochs in a measurement); every set also needs >= ranks x loader workers shards.
-    shard_samples: int
     noise: float = 0.3  # share of each query's results from other classes
     # Which images are filed under other classes: the ambiguous ones (weak expressions), as on the
     # web, where label noise follows the image (see crawler.localweb); "uniform" draws them regardless.
@@ -106,12 +101,12 @@ SCALES: dict[str, DemoScale] = {
     # without relabeling, half with (cluster/configs/demo.yaml says what SCN has learnt by then).
     "default": DemoScale(
         name="default", pool_per_class=140, test_per_class=40, rafdb_per_class=70, epochs=8, relabel_epoch=5,
-        finetune_epochs=4, finetune_relabel_epoch=3, image_size=64, batch_size=32, shard_samples=16,
+        finetune_epochs=4, finetune_relabel_epoch=3, image_size=64, batch_size=32,
     ),
     # The slow test's size: every stage and every file in minutes; its numbers mean little.
     "tiny": DemoScale(
         name="tiny", pool_per_class=12, test_per_class=4, rafdb_per_class=10, epochs=2, relabel_epoch=2,
-        finetune_epochs=1, finetune_relabel_epoch=1, image_size=32, batch_size=8, shard_samples=8,
+        finetune_epochs=1, finetune_relabel_epoch=1, image_size=32, batch_size=8,
     ),
 }
 
@@ -501,7 +496,6 @@ class Demo:
         self.sup.run("crawl", self._py(
             "crawler.build", "--provider", "localweb", "--api-base", self.web_url, "--out", p.crawl,
             "--faces", "none", "--allow-host", "127.0.0.1", "--workers", 2,
-            "--max-shard-samples", s.shard_samples,
             # Our own server on loopback: no politeness limit (the default is 10 requests/s per host).
             "--set", "fetch.per_host_rate=0",
             # The web's duplicates are byte copies (the exact stage drops them). Synthetic faces share
@@ -533,12 +527,7 @@ class Demo:
         # The clean test set: other people, the crawl's class list (validation needs the same one).
         self.sup.run("import-test", self._py(
             "scn_scale.importers", "imagefolder", "--root", p.test_faces, "--out", p.test_shards, "--split", "test",
-            "--classes", ",".join(shard_set.classes), "--dataset", "cleantest", "--shard-size",
-            self._shard_size(self.scale.test_per_class * len(shard_set.classes))))
-
-    def _shard_size(self, samples: int) -> int:
-        """Shards small enough that every set has at least 2 per rank (ranks x 1 loader worker, plus slack)."""
-        return max(1, min(self.scale.shard_samples, samples // (2 * self.scale.workers)))
+            "--classes", ",".join(shard_set.classes), "--dataset", "cleantest"))
 
     # 4
     def start_cluster(self) -> Child:
@@ -613,10 +602,8 @@ class Demo:
 
     def finetune(self) -> None:
         s, p = self.scale, self.paths
-        rafdb_test = round(s.rafdb_per_class * 0.2) * 7
         self.sup.run("import-rafdb", self._py(
-            "scn_scale.importers", "rafdb", "--root", p.rafdb_tree, "--out", p.rafdb_shards,
-            "--shard-size", self._shard_size(rafdb_test)))
+            "scn_scale.importers", "rafdb", "--root", p.rafdb_tree, "--out", p.rafdb_shards))
         common = [f"train_shards={p.rafdb_shards / 'train'}", f"val_shards={p.rafdb_shards / 'test'}",
                   f"epochs={s.finetune_epochs}", f"scn.relabel_epoch={s.finetune_relabel_epoch}", "method=scn"]
         self.train_pair([("finetune-crawl", [f"init={final_model(p.runs / 'scn')}", *common]),

@@ -178,8 +178,7 @@ def predict_set(
         batch_size=cfg.batch_size,
         rank=workers.rank,
         world_size=workers.world_size,
-        # Evaluation sets are small: as many loader workers as their shards allow.
-        loader_workers=min(cfg.loader_workers, len(shard_set.shards) // workers.world_size),
+        loader_workers=cfg.loader_workers,
     )
     mine = collect(model.to(device), loader, device)
     if workers.world_size == 1:

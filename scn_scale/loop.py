@@ -114,11 +114,6 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return ds
 
 
-def val_loader_workers(cfg: TrainConfig, num_val_shards: int) -> int:
-    """Validation sets are small: as many loader workers as the set's shards allow, at most cfg.loader_workers."""
-    return min(cfg.loader_workers, num_val_shards // cfg.num_workers)
-
-
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """The recipe's exponential decay per epoch (1-based): a function of the epoch, so it needs no saved state."""
     return cfg.lr * cfg.lr_decay ** (epoch - 1)
@@ -271,7 +266,7 @@ class Worker:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _loader(self, shard_set: ShardSet, train: bool, epoch: int, workers: int) -> torch.utils.data.DataLoader:
+    def _loader(self, shard_set: ShardSet, train: bool, epoch: int) -> torch.utils.data.DataLoader:
         return shard_loader(
             shard_set,
             train=train,
@@ -279,11 +274,13 @@ class Worker:
             batch_size=self.cfg.batch_size,
             rank=self.rank,
             world_size=self.world,
-            loader_workers=workers,
+            loader_workers=self.cfg.loader_workers,
             seed=self.cfg.seed,
             epoch=epoch,
             overrides=self.overrides if train else None,
             balanced=train and self.cfg.balanced_sampler,
+            shuffle_buffer=self.cfg.reader.shuffle_buffer,
+            interleave=self.cfg.reader.interleave,
         )
 
     def _images(self, batch: dict) -> torch.Tensor:
@@ -309,7 +306,7 @@ class Worker:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, epoch)
         self.engine.train()
-        loader = self._loader(self.train_set, True, epoch, self.cfg.loader_workers)
+        loader = self._loader(self.train_set, True, epoch)
         # Whole accumulation cycles only: a partial cycle's gradients would leak into the next
         # epoch, and be lost on resume.
         steps = len(loader.dataset) // self.cfg.grad_accum * self.cfg.grad_accum
@@ -342,7 +339,6 @@ class Worker:
 
     def validate(self, epoch: int) -> tuple[Predictions | None, int]:
         """Predictions on the validation set, each sample once, on rank 0 (None elsewhere); and skipped samples, all ranks."""
-        workers = val_loader_workers(self.cfg, len(self.val_set.shards))
         skipped = [0]
 
         def counted(loader: Iterable[dict]) -> Iterator[dict]:
@@ -351,7 +347,7 @@ class Worker:
                 yield batch
 
         with self.autocast():
-            pred = collect(self.engine.module, counted(self._loader(self.val_set, False, epoch, workers)), self.device)
+            pred = collect(self.engine.module, counted(self._loader(self.val_set, False, epoch)), self.device)
         parts = sync.gather_object(pred)
         total_skipped = sum(sync.all_gather_object(skipped[0]))
         return (Predictions.concat(parts).dedupe() if parts is not None else None), total_skipped

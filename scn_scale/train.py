@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 from scn_scale import checkpoint
 from scn_scale.config import ConfigError, TrainConfig, load_config
 from scn_scale.faults import FaultPlan
-from scn_scale.loop import WorkerSpec, deepspeed_config, train_worker, val_loader_workers
+from scn_scale.loop import WorkerSpec, deepspeed_config, train_worker
 from scn_scale.model import build_model
 from scn_scale.noise import load_overrides
 from scn_scale.weights import load_weights
@@ -60,10 +60,10 @@ def _open_set(setting: str, url: str) -> ShardSet:
         raise ConfigError(f"{setting}: {e}") from e
 
 
-def _check_plan(setting: str, shard_set: ShardSet, cfg: TrainConfig, loader_workers: int) -> int:
-    """Batches per rank in an epoch; ConfigError when the set has too few shards for the readers."""
+def _check_plan(setting: str, shard_set: ShardSet, cfg: TrainConfig) -> int:
+    """Batches per rank in an epoch; ConfigError when the set has fewer samples than readers."""
     try:
-        plan = plan_epoch(shard_set, cfg.num_workers, loader_workers, cfg.batch_size, cfg.seed, 1)
+        plan = plan_epoch(shard_set, cfg.num_workers, cfg.loader_workers, cfg.batch_size, cfg.seed, 1, cfg.reader.interleave)
     except ShardSetError as e:
         raise ConfigError(f"{setting}: {e}") from e
     return plan.batches_per_rank
@@ -97,10 +97,10 @@ def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
     val_set = _open_set("val_shards", cfg.val_shards)
     if train_set.classes != val_set.classes:
         raise ConfigError(f"train_shards has classes {list(train_set.classes)} but val_shards has {list(val_set.classes)}")
-    batches = _check_plan("train_shards", train_set, cfg, cfg.loader_workers)
+    batches = _check_plan("train_shards", train_set, cfg)
     if batches < cfg.grad_accum:
         raise ConfigError(f"grad_accum={cfg.grad_accum} exceeds the {batches} batches each rank gets per epoch")
-    _check_plan("val_shards", val_set, cfg, val_loader_workers(cfg, len(val_set.shards)))
+    _check_plan("val_shards", val_set, cfg)
     ds = deepspeed_config(cfg)
     if cfg.label_overrides:
         _check_overrides(cfg, len(train_set.classes))

@@ -30,6 +30,9 @@ SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("ext", pa.string()),
         ("bytes", pa.int64()),
+        # Where the sample's first tar member starts in its shard: a reader starts mid-shard with
+        # one seek. Null in sets written before offsets were recorded.
+        ("offset", pa.int64()),
         *[(name, pa.string()) for name in PROVENANCE_FIELDS],
         ("face_score", pa.float32()),
         ("face_box", pa.list_(pa.float32())),
@@ -55,7 +58,7 @@ def _floats(value: Any) -> list[float] | None:
     return flat
 
 
-def manifest_row(sample: Sample, shard: str, label_name: str, width: int, height: int) -> dict[str, Any]:
+def manifest_row(sample: Sample, shard: str, label_name: str, width: int, height: int, offset: int) -> dict[str, Any]:
     meta = sample.meta
     row: dict[str, Any] = {
         "key": sample.key,
@@ -68,6 +71,7 @@ def manifest_row(sample: Sample, shard: str, label_name: str, width: int, height
         "height": height,
         "ext": sample.ext,
         "bytes": len(sample.image),
+        "offset": offset,
         "face_score": meta.get("face_score"),
         "face_box": _floats(meta.get("face_box")),
         "landmarks": _floats(meta.get("landmarks")),

@@ -1,13 +1,25 @@
-"""Reading a shard set for training: deterministic, epoch-aware, equal batches on every rank.
+"""Reading a shard set for training: batches that mix the classes, equal on every rank, epoch by epoch.
 
-Splitting lives here rather than in the trainer because it decides correctness, not
-speed: DeepSpeed hangs without an error when one rank runs out of batches before the
-others, and a rank with no shard yields nothing at all. So every epoch is planned from
-the set's sizes up front: the shard list is shuffled with a seed made of (seed, epoch),
-dealt to ranks and then to loader workers, and every worker produces the same number of
-batches, cycling through its shards when it runs out (the way OpenCLIP and
-`with_epoch` do). Workers with few samples therefore revisit some; consumers that
-count per sample must de-duplicate by key.
+Batches must look like the data set (SCN's rank loss and relabel margin act within a
+batch, and so do BatchNorm's statistics) whatever order a producer wrote the set in: an
+importer or crawl that writes class by class gives shards of one or two classes each.
+So every epoch is planned from the set's sizes up front: shards are cut into pieces
+(runs of consecutive samples; whole shards once the set has enough of them) and dealt to
+(rank, loader worker) readers stratified, so that each reader's share spans the whole
+write order and holds about the same number of samples, with the choices drawn from a
+seed made of (seed, epoch). Each reader reads `interleave` pieces at once, round robin,
+into a shuffle buffer of raw (undecoded) samples, the way OpenCLIP reads LAION: many
+shards in flight, thousands of samples in the buffer. A set with fewer shards than
+readers is split by sample, so small sets train on any number of ranks.
+
+DeepSpeed hangs without an error when one rank runs out of batches before the others, so
+every reader produces the same number of batches, cycling through its pieces when it runs
+out (as `with_epoch` does). Readers with fewer samples therefore revisit some; consumers
+that count per sample must de-duplicate by key.
+
+Shards come from crawls of the open web and from other tools, so reading never stops or
+hangs on a malformed tar or sample: each fault is logged with its shard and offset,
+counted once per epoch as skipped, and reading goes on with the next piece.
 """
 
 from __future__ import annotations
@@ -17,10 +29,13 @@ import json
 import logging
 import math
 import random
+from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Callable, Iterator, Mapping
 
 import fsspec
+import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 from webdataset.filters import default_collation_fn
@@ -28,7 +43,7 @@ from webdataset.pytorch import DataLoader, IterableDataset
 
 from shards.fs import join, open_fs, to_url
 from shards.sample import IMAGE_EXTENSIONS
-from shards.tario import TarFormatError, iter_members
+from shards.tario import iter_members, name_at
 from shards.writer import SIZES_NAME, STATS_NAME
 
 log = logging.getLogger(__name__)
@@ -87,11 +102,27 @@ def open_shard_set(url: str) -> ShardSet:
     )
 
 
+#: Samples a training reader holds, undecoded, to draw from at random (OpenCLIP keeps 5,000).
+DEFAULT_SHUFFLE_BUFFER = 5000
+#: Pieces a training reader reads at once, round robin. A piece of a class-sorted set often
+#: holds one class, so this many pieces give a batch most of 8 classes.
+DEFAULT_INTERLEAVE = 16
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of consecutive samples of one shard: the unit an epoch's plan deals to readers."""
+
+    shard: int  # index into ShardSet.shards
+    start: int  # first sample, counted from the shard's start
+    count: int
+
+
 @dataclass(frozen=True)
 class EpochPlan:
-    """Which shards each (rank, loader worker) reads in one epoch, and for how many batches."""
+    """Which pieces each (rank, loader worker) reads in one epoch, and for how many batches."""
 
-    assignments: tuple[tuple[tuple[int, ...], ...], ...]  # [rank][worker] -> shard indices
+    assignments: tuple[tuple[tuple[Piece, ...], ...], ...]  # [rank][worker] -> pieces
     batches_per_worker: int
 
     @property
@@ -99,42 +130,77 @@ class EpochPlan:
         return self.batches_per_worker * len(self.assignments[0])
 
 
-def plan_epoch(
-    shard_set: ShardSet, world_size: int, loader_workers: int, batch_size: int, seed: int, epoch: int
-) -> EpochPlan:
-    """Deal the shards of one epoch: shuffle by (seed, epoch), split by rank, then by worker.
+def cut_pieces(sizes: tuple[int, ...], wanted: int) -> list[Piece]:
+    """At least `wanted` pieces (if the set has that many samples): whole shards when there are
+    enough of them, else every shard cut into near-equal runs of about total / wanted samples."""
+    if sum(1 for n in sizes if n) >= wanted:
+        return [Piece(i, 0, n) for i, n in enumerate(sizes) if n]
+    per = max(1, sum(sizes) // wanted)
+    pieces = []
+    for i, n in enumerate(sizes):
+        parts = -(-n // per)
+        bounds = [round(j * n / parts) for j in range(parts + 1)]
+        pieces += [Piece(i, a, b - a) for a, b in zip(bounds, bounds[1:])]
+    return pieces
 
-    The epoch is long enough for the fullest worker to read all its samples once, so
-    every sample is seen at least once per epoch.
+
+def plan_epoch(
+    shard_set: ShardSet,
+    world_size: int,
+    loader_workers: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    interleave: int = 1,
+) -> EpochPlan:
+    """Cut the set into pieces for `interleave` per reader and deal them, stratified: every reader
+    takes one piece from each run of (readers) consecutive pieces, so its share spans the set's
+    whole write order (all the classes of a class-sorted set, every part of a crawl).
+
+    Within a run, the largest piece goes to the reader holding the fewest samples so far (ties
+    broken at random), so readers hold near-equal shares; who gets which piece, and the order a
+    reader reads its pieces in, are drawn from (seed, epoch). The epoch is long enough for the
+    fullest reader to read all its samples once, so every sample is seen at least once per epoch.
     """
     workers = max(1, loader_workers)
     readers = world_size * workers
-    if len(shard_set.shards) < readers:
+    if shard_set.num_samples < readers:
         raise ShardSetError(
-            f"shard set {shard_set.url} has {len(shard_set.shards)} shards, fewer than the {readers} readers "
-            f"({world_size} ranks x {workers} loader workers) that each need one: write smaller shards or "
-            "use fewer workers"
+            f"shard set {shard_set.url} holds {shard_set.num_samples} samples, fewer than the {readers} readers "
+            f"({world_size} ranks x {workers} loader workers) that each need one: use fewer ranks or loader workers"
         )
-    order = list(range(len(shard_set.shards)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    assignments = tuple(
-        tuple(tuple(order[rank::world_size][w::workers]) for w in range(workers)) for rank in range(world_size)
-    )
-    fullest = max(sum(shard_set.sizes[i] for i in part) for rank in assignments for part in rank)
-    return EpochPlan(assignments=assignments, batches_per_worker=max(1, math.ceil(fullest / batch_size)))
+    rng = random.Random(f"{seed}:{epoch}")
+    pieces = cut_pieces(shard_set.sizes, readers * max(1, interleave))
+    load = [0] * readers
+    dealt: list[list[Piece]] = [[] for _ in range(readers)]
+    for first in range(0, len(pieces), readers):
+        run = sorted(pieces[first : first + readers], key=lambda p: (-p.count, rng.random()))
+        ties = [rng.random() for _ in range(readers)]
+        for piece, reader in zip(run, sorted(range(readers), key=lambda r: (load[r], ties[r]))):
+            dealt[reader].append(piece)
+            load[reader] += piece.count
+    for share in dealt:
+        rng.shuffle(share)
+    assignments = tuple(tuple(tuple(dealt[rank * workers + w]) for w in range(workers)) for rank in range(world_size))
+    return EpochPlan(assignments=assignments, batches_per_worker=max(1, math.ceil(max(load) / batch_size)))
 
 
-def _tar_files(urls: list[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """Members of each shard as webdataset's file dicts, an empty dict closing each shard."""
-    for url in urls:
+def interleave_sources(sources: Iterator[Iterator[Any]], width: int) -> Iterator[Any]:
+    """Round robin over `width` sources at a time, starting the next source when one ends.
+
+    Sources are generators that open their shard on first use, so at most `width` shards
+    are open (and buffered by fsspec) at once, however many a reader holds.
+    """
+    active = deque(islice(sources, width))
+    while active:
+        source = active.popleft()
         try:
-            with fsspec.open(url, "rb") as f:
-                for name, data in iter_members(f, url):
-                    yield {"fname": name, "data": data, "__url__": url}
-        except (TarFormatError, OSError) as exc:
-            if not on_error(exc):
-                raise
-        yield {}
+            item = next(source)
+        except StopIteration:
+            active.extend(islice(sources, 1))
+            continue
+        active.append(source)
+        yield item
 
 
 def _image_of(sample: Mapping[str, Any]) -> bytes:
@@ -149,11 +215,18 @@ class _Skips:
 
     A worker cycles through its shards until it has its planned batches, so it may meet a
     corrupt sample several times; counting every meeting would overstate the damage.
+    Faults that cost nothing (a stale offset, read around) are logged once, not counted.
     """
 
     def __init__(self) -> None:
         self.seen: set[str] = set()  # sample keys, or error texts for damage above the sample level
         self.new = 0  # not yet reported with a batch
+        self.noted: set[str] = set()
+
+    def note(self, what: str, message: str) -> None:
+        if what not in self.noted:
+            self.noted.add(what)
+            log.warning(message)
 
     def add(self, what: str, message: str) -> None:
         if what not in self.seen:
@@ -172,7 +245,9 @@ class ShardStream(IterableDataset):
     Each image is decoded by `decode` (bytes in) and then passed through `transform`.
     Each batch is a dict: `image` (the transform's outputs, collated), `label` (class
     indices, after static label overrides), `key` (list of sample keys) and `skipped`
-    (samples this worker dropped as unreadable since its previous batch).
+    (samples this worker dropped as unreadable since its previous batch). Training
+    streams mix with `interleave` pieces at once and a `shuffle_buffer` of samples;
+    evaluation leaves both at 1 and 0 and reads each piece in order.
     """
 
     def __init__(
@@ -188,6 +263,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         overrides: Mapping[str, int] | None = None,
         shuffle_buffer: int = 0,
+        interleave: int = 1,
         balanced: bool = False,
     ) -> None:
         self.shard_set = shard_set
@@ -200,6 +276,7 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.overrides = dict(overrides or {})
         self.shuffle_buffer = shuffle_buffer
+        self.interleave = max(1, interleave)
         # Class-balanced sampling for a stream: keep a sample of class c with probability
         # min_count / count[c], so every class arrives equally often (the AffectNet recipe).
         counts = [c for c in shard_set.class_counts if c > 0]
@@ -207,7 +284,7 @@ class ShardStream(IterableDataset):
             [min(counts) / c if c else 0.0 for c in shard_set.class_counts] if balanced and counts else None
         )
         self.epoch = 1
-        self.plan()  # validate shard count against readers before any worker starts
+        self.plan()  # validate the set against the readers before any worker starts
 
     def set_epoch(self, epoch: int) -> None:
         """Workers are re-created each epoch and read this; webdataset's own counters would not advance."""
@@ -215,7 +292,7 @@ class ShardStream(IterableDataset):
 
     def plan(self) -> EpochPlan:
         return plan_epoch(
-            self.shard_set, self.world_size, self.readers, self.batch_size, self.seed, self.epoch
+            self.shard_set, self.world_size, self.readers, self.batch_size, self.seed, self.epoch, self.interleave
         )
 
     def __len__(self) -> int:
@@ -227,22 +304,62 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return 0 if info is None else info.id
 
-    def _raw_samples(self, shard_urls: list[str], skips: _Skips, rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Samples of the given shards, cycling; unreadable tar members are counted, not fatal.
+    def _piece_start(self, piece: Piece) -> tuple[int, str] | None:
+        """(byte offset, key) of the piece's first sample, from its shard's manifest part.
+
+        None for a piece at the shard's start, and for sets written before offsets were
+        recorded: those pieces pass over the samples before them, reading headers only.
+        """
+        if piece.start == 0:
+            return None
+        url = self.shard_set.shards[piece.shard]
+        with fsspec.open(url[: -len(".tar")] + ".parquet", "rb") as f:
+            part = pq.ParquetFile(f)
+            if "offset" not in part.schema_arrow.names:
+                return None
+            row = part.read(columns=["key", "offset"]).slice(piece.start, 1).to_pylist()
+        if not row or row[0]["offset"] is None:
+            return None
+        return row[0]["offset"], row[0]["key"]
+
+    def _piece_samples(self, piece: Piece, skips: _Skips) -> Iterator[dict[str, Any]]:
+        """The piece's samples as webdataset sample dicts (`__key__`, `__url__`, one entry per member).
+
+        Any fault (a malformed tar, an unreadable file, a sample webdataset cannot group)
+        costs the rest of this piece, logged with the shard and where it broke, never the run.
+        """
+        url = self.shard_set.shards[piece.shard]
+
+        def skip(exc: Exception) -> bool:
+            skips.add(f"{url}:{piece.start}:{exc}", f"skipping the rest of samples {piece.start}+{piece.count} of {url}: {exc}")
+            return True
+
+        try:
+            start = self._piece_start(piece)
+            with fsspec.open(url, "rb") as f:
+                # The writer's members go in sorted order, so a sample starts with its `cls`.
+                found = start is not None and name_at(f, start[0]) == f"{start[1]}.cls"
+                if start is not None and not found:
+                    skips.note(url, f"{url}: samples are not at their manifest offsets (the shard changed since "
+                               "it was written?); finding them by their headers instead")
+                    f.seek(0)
+                members = iter_members(f, url, 0 if found else piece.start)
+                files = ({"fname": n, "data": d, "__url__": url} for n, d in members)
+                yield from islice(wds.tariterators.group_by_keys(files, handler=skip), piece.count)
+        except Exception as exc:  # hostile or damaged input: see the docstring
+            skip(exc)
+
+    def _raw_samples(self, pieces: tuple[Piece, ...], skips: _Skips, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Samples of the given pieces, interleaved and shuffled, cycling; unreadable data is counted, not fatal.
 
         The shuffle buffer is drained at the end of every pass, so each pass yields every
         sample once before the next begins (a buffer across passes would hold some back).
         Samples that failed to decode in an earlier pass are left out of later ones, so a
         set with nothing decodable ends in an error instead of cycling for ever.
         """
-
-        def skip(exn: Exception) -> bool:
-            skips.add(str(exn), f"skipping unreadable data: {exn}")
-            return True
-
         while True:
             yielded = 0
-            samples = wds.tariterators.group_by_keys(_tar_files(shard_urls, skip), handler=skip)
+            samples = interleave_sources((self._piece_samples(p, skips) for p in pieces), self.interleave)
             if self.shuffle_buffer > 1:
                 samples = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
             for sample in samples:
@@ -251,7 +368,8 @@ class ShardStream(IterableDataset):
                 yielded += 1
                 yield sample
             if not yielded:
-                raise ShardSetError(f"shards {shard_urls} yielded no readable sample at all")
+                shards = sorted({self.shard_set.shards[p.shard] for p in pieces})
+                raise ShardSetError(f"shards {shards} yielded no readable sample at all")
 
     def _keep(self, raw: Mapping[str, Any], rng: random.Random) -> bool:
         """The balanced-sampling draw, made before decoding so rejected samples cost no decode."""
@@ -259,24 +377,25 @@ class ShardStream(IterableDataset):
             return True
         try:
             return rng.random() < self.keep_prob[int(raw["cls"])]
-        except (KeyError, ValueError, IndexError):
+        except (KeyError, ValueError, IndexError, TypeError):
             return True  # malformed: decoding will count it as skipped
 
     def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         key = raw["__key__"]
-        label = self.overrides.get(key, int(raw["cls"]))
+        label = int(raw["cls"])
+        if not 0 <= label < len(self.shard_set.classes):
+            raise ValueError(f"class index {label} is outside the set's {len(self.shard_set.classes)} classes")
+        label = self.overrides.get(key, label)
         return {"image": self.transform(self.decode(_image_of(raw))), "label": label, "key": key}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.plan()
         worker = self._worker()
-        mine = [self.shard_set.shards[i] for i in plan.assignments[self.rank][worker]]
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         skips = _Skips()
-        samples = self._raw_samples(mine, skips, rng)
         batch: list[dict[str, Any]] = []
         produced = 0
-        for raw in samples:
+        for raw in self._raw_samples(plan.assignments[self.rank][worker], skips, rng):
             if not self._keep(raw, rng):
                 continue
             try:

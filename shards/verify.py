@@ -2,7 +2,9 @@
 
 Reads every tar with the standard library (independently of the training reader, so
 a reader bug cannot hide a data fault), and compares tars, manifest and sizes.
-Exits non-zero on any fault, naming the shard and the key.
+Exits non-zero on any fault, naming the shard and the key. It also reports how well the
+set's order mixes the classes (`shards.mixing`) and warns, without failing, when the set
+is class-sorted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.manifest import MANIFEST_NAME
+from shards.mixing import LOADER_WORKERS, Mixing, describe, measure
+from shards.reader import open_shard_set
 from shards.sample import IMAGE_EXTENSIONS
 from shards.writer import SIZES_NAME, STATS_NAME
 
@@ -32,6 +36,8 @@ class Report:
     per_class: Counter = field(default_factory=Counter)
     per_split: Counter = field(default_factory=Counter)
     samples: int = 0
+    labels: dict[str, list[int]] = field(default_factory=dict)  # shard URL -> labels in tar order
+    mixing: Mixing | None = None  # None when the set has faults or too few samples to simulate
 
 
 def _read_tar(path: Path, report: Report) -> dict[str, dict[str, bytes]]:
@@ -123,6 +129,8 @@ def verify(root: str | Path) -> Report:
     by_key = {row["key"]: row for row in manifest}
     seen: dict[str, str] = {}
     tars = sorted(p.name for p in root.glob("*.tar"))
+    shard_set = open_shard_set(str(root))
+    urls = dict(zip(sorted(sizes), shard_set.shards))
     for shard in sorted(set(tars) - set(sizes)):
         report.faults.append(f"{shard}: tar not listed in {SIZES_NAME}")
     for shard in tqdm(sorted(sizes), desc="verify", unit="shard"):
@@ -146,6 +154,7 @@ def verify(root: str | Path) -> Report:
             elif checked is not None and (wrong := _disagreements(checked, row, shard)):
                 report.faults.append(f"{shard}: sample {key} disagrees with its manifest row: {'; '.join(wrong)}")
             if checked is not None:
+                report.labels.setdefault(urls[shard], []).append(checked.label)
                 report.samples += 1
                 report.per_class[classes[checked.label]] += 1
                 report.per_split[row["split"] if row else "?"] += 1
@@ -155,6 +164,8 @@ def verify(root: str | Path) -> Report:
     if len(by_key) != len(manifest):
         dupes = [k for k, n in Counter(r["key"] for r in manifest).items() if n > 1]
         report.faults.append(f"{MANIFEST_NAME}: duplicate keys {dupes[:5]}")
+    if not report.faults and report.samples >= LOADER_WORKERS:
+        report.mixing = measure(shard_set, report.labels)
     return report
 
 
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     print(_table("class", report.per_class))
     print(_table("split", report.per_split))
     print(f"{report.samples} samples checked")
+    if report.mixing is not None:
+        print("\n".join(describe(report.mixing, args.dir)))
     if report.faults:
         for fault in report.faults[:50]:
             print(f"FAULT {fault}", file=sys.stderr)

@@ -63,7 +63,9 @@ class ShardWriter:
     """Writes samples into `out_dir` as `<prefix>-000000.tar`, ... capped by samples and bytes.
 
     Use as a context manager; closing finishes the open shard and rebuilds the
-    set-level files (`manifest.parquet`, `sizes.json`, `stats.json`).
+    set-level files (`manifest.parquet`, `sizes.json`, `stats.json`). A producer that
+    writes in a seeded random order passes its `shuffle_seed`, recorded in `stats.json`
+    (null: the producer's own order), so whoever reads the set knows how it was mixed.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class ShardWriter:
         prefix: str = "shard",
         max_samples: int = 1000,
         max_bytes: int = 256 * 1024 * 1024,
+        shuffle_seed: int | None = None,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
@@ -83,6 +86,7 @@ class ShardWriter:
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
+        self.shuffle_seed = shuffle_seed
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._check_classes()
         self._discard_unfinished()
@@ -162,9 +166,10 @@ class ShardWriter:
             "cls": str(sample.label).encode(),
             "json": json.dumps(meta, sort_keys=True, default=str).encode(),
         }
+        offset = self._tar.tarstream.offset  # tarfile counts what it wrote, headers and padding included
         self._tar.write({"__key__": sample.key, **members})
         name = shard_name(self.prefix, self._next_index)
-        self._rows.append(manifest_row(sample, f"{name}.tar", self.classes[sample.label], width, height))
+        self._rows.append(manifest_row(sample, f"{name}.tar", self.classes[sample.label], width, height, offset))
         self._known[sample.key] = f"{name}.tar"
         self._bytes += sum(_tar_member_size(len(data)) for data in members.values())
         self.written += 1
@@ -209,7 +214,7 @@ class ShardWriter:
 
     def close(self) -> None:
         self._finish_shard()
-        finalize(self.out_dir, self.classes, self.prefix)
+        finalize(self.out_dir, self.classes, self.prefix, self.shuffle_seed)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -219,12 +224,15 @@ class ShardWriter:
         self.close()
 
 
-def finalize(out_dir: str | os.PathLike, classes: Sequence[str], prefix: str = "shard") -> dict[str, Any]:
+def finalize(
+    out_dir: str | os.PathLike, classes: Sequence[str], prefix: str = "shard", shuffle_seed: int | None = None
+) -> dict[str, Any]:
     """Rebuild `manifest.parquet`, `sizes.json` and `stats.json` from the finished shards."""
     out_dir = Path(out_dir)
     names = sorted(p.name[: -len(_STATS_SUFFIX)] for p in out_dir.glob(f"{prefix}-*{_STATS_SUFFIX}"))
     tables = [pq.read_table(out_dir / f"{name}.parquet") for name in names]
-    manifest = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    # "default" promotion: shards written before a column existed join with nulls in it.
+    manifest = pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()
     atomic.write_parquet(out_dir / MANIFEST_NAME, manifest)
     sizes = {f"{name}.tar": json.loads((out_dir / f"{name}{_STATS_SUFFIX}").read_text())["count"] for name in names}
     atomic.write_json(out_dir / SIZES_NAME, sizes)
@@ -237,6 +245,7 @@ def finalize(out_dir: str | os.PathLike, classes: Sequence[str], prefix: str = "
         "num_shards": len(names),
         "per_class": {c: label_names.count(c) for c in classes},
         "per_split": dict(sorted(Counter(splits).items())),
+        "shuffle_seed": shuffle_seed,
         "shards": [f"{name}.tar" for name in names],
     }
     atomic.write_json(out_dir / STATS_NAME, stats)

@@ -259,14 +259,16 @@ def _identity(image):  # top-level so loader workers can pickle it
     return np.asarray(image.resize((8, 8)), dtype=np.uint8)
 
 
-def test_reader_gives_every_rank_the_same_batches_and_covers_the_set(tmp_path: Path) -> None:
-    keys = write_shard_set(tmp_path, [9, 2, 7, 3, 5, 1, 4, 6])  # uneven: 37 samples, 8 shards
+@pytest.mark.parametrize("sizes", [[9, 2, 7, 3, 5, 1, 4, 6], [37]], ids=["8 uneven shards", "one shard"])
+def test_reader_gives_every_rank_the_same_batches_and_covers_the_set(tmp_path: Path, sizes: list[int]) -> None:
+    """37 samples on 2 ranks x 2 loader workers: fewer shards than pieces wanted, or than readers, are split by sample."""
+    keys = write_shard_set(tmp_path, sizes)
     shard_set = open_shard_set(str(tmp_path))
     seen: Counter[str] = Counter()
     lengths = []
     for rank in range(2):
         stream = ShardStream(shard_set, rank=rank, world_size=2, loader_workers=2, batch_size=4,
-                             transform=_identity, seed=3, shuffle_buffer=8)
+                             transform=_identity, seed=3, shuffle_buffer=8, interleave=4)
         stream.set_epoch(2)
         batches = list(make_loader(stream))
         lengths.append(len(batches))
@@ -293,9 +295,24 @@ def test_reader_order_depends_on_epoch_not_on_run(tmp_path: Path) -> None:
     assert keys_of(1) != keys_of(2)
 
 
-def test_reader_refuses_too_few_shards(tmp_path: Path) -> None:
-    write_shard_set(tmp_path, [4, 4, 4])
-    with pytest.raises(ShardSetError, match="3 shards, fewer than the 4 readers"):
+def test_pieces_start_at_recorded_offsets_and_survive_a_rewritten_shard(tmp_path: Path) -> None:
+    """Pieces seek to the manifest's offsets; a shard rewritten since (offsets stale) is read by its headers."""
+    from shards.tario import name_at
+
+    keys = write_shard_set(tmp_path, [12])
+    offsets = pq.read_table(tmp_path / "shard-000000.parquet", columns=["key", "offset"]).to_pylist()
+    with open(tmp_path / "shard-000000.tar", "rb") as f:
+        assert [name_at(f, row["offset"]) for row in offsets] == [f"{k}.cls" for k in keys]
+    _rewrite_tar(tmp_path / "shard-000000.tar", replace={f"{keys[0]}.jpg": b"not a jpeg"})
+    stream = ShardStream(open_shard_set(str(tmp_path)), rank=0, world_size=1, loader_workers=0, batch_size=11,
+                         transform=_identity, interleave=6)
+    batch = next(iter(make_loader(stream)))
+    assert sorted(batch["key"]) == sorted(keys[1:]) and int(batch["skipped"]) == 1
+
+
+def test_reader_refuses_fewer_samples_than_readers(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, [1, 2])
+    with pytest.raises(ShardSetError, match="holds 3 samples, fewer than the 4 readers"):
         ShardStream(open_shard_set(str(tmp_path)), rank=0, world_size=2, loader_workers=2, batch_size=2,
                     transform=_identity)
 

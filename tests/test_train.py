@@ -88,7 +88,7 @@ class Data:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     root = tmp_path_factory.mktemp("data")
-    keys = write_face_like_set(root / "train", [20] * 8, seed=1)
+    keys = write_face_like_set(root / "train", [160], seed=1)  # one shard: split by sample across ranks
     write_face_like_set(root / "val", [16] * 2, seed=2)
     corrupt_image(root / "train" / "shard-000000.tar", keys[3])
     manifest = read_manifest(str(root / "train"), columns=["key", "label"]).to_pydict()
@@ -128,9 +128,9 @@ def test_missing_shard_directory(capsys, small_set: str, tmp_path: Path) -> None
     assert f"train_shards: shard set {tmp_path / 'nowhere'}: no such directory" in err
 
 
-def test_too_few_shards_for_ranks_times_loader_workers(capsys, small_set: str) -> None:
-    err = _error(capsys, ["--config", CONFIG, f"train_shards={small_set}", f"val_shards={small_set}", "loader_workers=3"])
-    assert "train_shards: shard set" in err and "has 4 shards, fewer than the 6 readers (2 ranks x 3 loader workers)" in err
+def test_fewer_samples_than_ranks_times_loader_workers(capsys, small_set: str) -> None:
+    err = _error(capsys, ["--config", CONFIG, f"train_shards={small_set}", f"val_shards={small_set}", "loader_workers=9"])
+    assert "train_shards: shard set" in err and "holds 16 samples, fewer than the 18 readers (2 ranks x 9 loader workers)" in err
 
 
 def test_unknown_config_key(capsys, small_set: str, tmp_path: Path) -> None:

@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--out", required=True, help="output directory")
     common.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     common.add_argument(
+        "--shuffle-seed", type=int, default=0,
+        help="samples are written in a random order drawn from this seed, so every shard holds every class "
+        "(recorded in stats.json; default 0)",
+    )
+    common.add_argument(
         "--allow-missing", action="store_true", help="drop and count listed images that are missing or unreadable"
     )
 
@@ -70,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    options = ImportOptions(shard_size=args.shard_size, allow_missing=args.allow_missing)
+    options = ImportOptions(shard_size=args.shard_size, shuffle_seed=args.shuffle_seed, allow_missing=args.allow_missing)
     try:
         if args.command == "rafdb":
             summary = import_rafdb(args.root, args.out, args.noisy_labels, options)

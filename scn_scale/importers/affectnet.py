@@ -30,7 +30,7 @@ from scn_scale.importers.common import (
     ImportSummary,
     SplitWriters,
     encode,
-    progress,
+    in_write_order,
     require_file,
     where,
 )
@@ -123,7 +123,7 @@ def import_affectnet(
 
 
 def _import_list(root: Path, path: Path, split: str, writers: SplitWriters) -> None:
-    for row in progress(read_rows(path), f"{DATASET} {split}"):
+    for row in in_write_order(read_rows(path), f"{DATASET} {split}", writers.options):
         if row.code in DROPPED_CODES:
             writers.drop(split, DROPPED_CODES[row.code])
             continue

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypeVar
 
 from PIL import Image
 from tqdm import tqdm
@@ -23,6 +24,8 @@ from shards.atomic import write_json
 from shards.writer import STATS_NAME
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Folder and label names seen in the wild, mapped to canonical class names.
 SYNONYMS: dict[str, str] = {
@@ -108,7 +111,11 @@ def encode(image: Image.Image, ext: str) -> bytes:
 class ImportOptions:
     """Settings every importer takes."""
 
-    shard_size: int = 1000  # samples per shard; evaluation needs >= ranks x loader workers shards
+    shard_size: int = 1000  # samples per shard
+    # Samples are written in a random order drawn from this seed (recorded in stats.json), not
+    # class by class as datasets list them: shards that each hold every class read into mixed
+    # batches with any reader, this project's or another tool's.
+    shuffle_seed: int = 0
     # A listed image that is missing or unreadable stops the import (a benchmark with a hole
     # is a different benchmark); with this set it is dropped and counted instead.
     allow_missing: bool = False
@@ -188,7 +195,10 @@ class SplitWriters:
         writer = self._writers.get(split)
         if writer is None:
             self.check_fresh([split])
-            writer = ShardWriter(self.directory(split), self.classes, max_samples=self.options.shard_size)
+            writer = ShardWriter(
+                self.directory(split), self.classes, max_samples=self.options.shard_size,
+                shuffle_seed=self.options.shuffle_seed,
+            )
             self._writers[split] = writer
             self.summary.outputs[split] = str(self.directory(split))
         full_meta = {"provider": self.summary.dataset, "source_id": source_id, **meta}
@@ -230,9 +240,14 @@ class SplitWriters:
         self.close(write_summary=exc_type is None)
 
 
-def progress(items: Iterable, desc: str, total: int | None = None) -> Iterable:
-    """A progress bar on a terminal, nothing in logs and tests."""
-    return tqdm(items, desc=desc, total=total, unit="img", disable=None)
+def in_write_order(items: Iterable[T], desc: str, options: ImportOptions) -> Iterable[T]:
+    """The items in the import's seeded random write order, with a progress bar on a terminal (nothing in logs and tests).
+
+    Only the list of what to write is held in memory and shuffled; images are read one by one after.
+    """
+    order = list(items)
+    random.Random(options.shuffle_seed).shuffle(order)
+    return tqdm(order, desc=desc, unit="img", disable=None)
 
 
 @dataclass(frozen=True)
@@ -249,7 +264,7 @@ def write_labeled_files(
     writers: SplitWriters, split: str, files: Sequence[LabeledFile], extra_meta: dict | None = None
 ) -> None:
     """Write files whose class is in the set's class list; count the others as dropped."""
-    for item in progress(files, f"{writers.summary.dataset} {split}"):
+    for item in in_write_order(files, f"{writers.summary.dataset} {split}", writers.options):
         if item.name not in writers.classes:
             writers.drop(split, f"class {item.name} not in the class list")
             continue

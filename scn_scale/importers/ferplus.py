@@ -28,7 +28,7 @@ from scn_scale.importers.common import (
     ImportSummary,
     SplitWriters,
     encode,
-    progress,
+    in_write_order,
     require_file,
     where,
 )
@@ -120,7 +120,7 @@ def import_ferplus(root: str | Path, out: str | Path, options: ImportOptions | N
     with SplitWriters(out, summary, options) as writers:
         writers.check_fresh(USAGE_SPLITS.values())
         rows = _csv_rows(root) if layout == "csv" else _png_rows(root)
-        for row, image in progress(rows, DATASET):
+        for row, image in in_write_order(rows, DATASET, options):
             if not row.name:
                 writers.drop(row.split, "empty image name")
                 continue

@@ -20,7 +20,7 @@ from scn_scale.importers.common import (
     ImportOptions,
     ImportSummary,
     SplitWriters,
-    progress,
+    in_write_order,
     require_file,
     where,
 )
@@ -91,7 +91,7 @@ def import_rafdb(
     truth: dict[str, str] = {}  # train image name -> true class, for the noisy files
     with SplitWriters(out, summary, options) as writers:
         writers.check_fresh(SPLITS)
-        for item in progress(labels, DATASET, len(labels)):
+        for item in in_write_order(labels, DATASET, options):
             split = split_of(item.name)
             assert split is not None
             loaded = writers.load(split, aligned_path(root, item.name), where(root / LABEL_FILE, item.line))
