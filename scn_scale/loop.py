@@ -6,11 +6,15 @@ Each epoch, on every rank:
 2. for every batch: labels from the relabel table (looked up here by key, never in loader
    workers, which hold stale copies), forward, SCN loss (rank regularization over the local
    or the gathered global batch), DeepSpeed backward and step, then relabel proposals from
-   that step's forward pass;
-3. gather every rank's proposals, merge them into one table, check its digest on every rank;
+   that step's forward pass; sums, alpha and proposals stay on the device until the epoch end;
+3. gather every rank's proposals (rows of the sample index), merge them into one table, check
+   its digest on every rank, and add up the ranks' alpha histograms; each rank writes its
+   per-sample alpha to its own parquet part in the run directory;
 4. validate on this rank's share of the validation shards and gather predictions by key;
-5. rank 0 appends the epoch's metrics to the run's metrics file; every rank writes its part
-   of the checkpoint and reports it (the same number of `ray.train.report` calls everywhere).
+5. rank 0 appends the epoch's metrics to the run's metrics file and its tracker (TensorBoard,
+   MLflow: scn_scale.tracking, which also gets the per-step scalars of every sums read); every
+   rank writes its part of the checkpoint and reports it (the same number of `ray.train.report`
+   calls everywhere).
 
 A relabel proposed in epoch e is merged at the end of epoch e and trained on from e + 1.
 """
@@ -24,7 +28,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Iterable, Iterator, Sequence
 
@@ -33,18 +37,17 @@ import pyarrow.parquet as pq
 import ray.train
 import ray.train.torch
 import torch
-from tqdm import tqdm
 
-from scn_scale import checkpoint, metrics, sync
+from scn_scale import checkpoint, metrics, progress, sync, tracking
 from scn_scale.config import ConfigError, TrainConfig
 from scn_scale.data import shard_loader
 from scn_scale.faults import FaultPlan
 from scn_scale.loss import LossParts, baseline_loss, scn_loss
 from scn_scale.model import SCNOutput, build_model
-from scn_scale.noise import load_ground_truth, load_overrides
+from scn_scale.noise import load_overrides
 from scn_scale.predictions import Predictions, collect, summarize
-from scn_scale.relabel import Proposal, propose_relabels
-from scn_scale.relabel_table import RelabelTable
+from scn_scale.relabel import BatchProposals, propose_relabels
+from scn_scale.relabel_table import ManifestIndex, RelabelTable
 from scn_scale.weights import load_weights
 from shards import ShardSet, open_shard_set, read_manifest
 
@@ -141,7 +144,8 @@ class WorkerSpec:
     deepspeed: dict
     classes: tuple[str, ...]
     storage: str  # Ray's storage_path: out_dir, absolute when local
-    progress: bool = False  # a tqdm bar on rank 0
+    progress: bool = False  # rank 0 shows its progress (scn_scale.progress)
+    terminal: bool = False  # the driver's stderr is a terminal: progress as Ray's tqdm bar, else as log lines
     log_level: int | None = None  # configure a handler for scn_scale's loggers on rank 0 (the CLI does)
 
     @property
@@ -166,25 +170,36 @@ class EpochStats:
 
 @dataclass
 class TrainLabels:
-    """The training labels of every sample and their truth, when label_overrides records it (synthetic noise)."""
+    """The training label of every sample and its truth, by row of the sample index, when label_overrides records the truth (synthetic noise)."""
 
-    given: dict[str, int]
-    truth: dict[str, int]
-    noisy: set[str] = field(init=False)
+    given: torch.Tensor  # int16 [samples]: the manifest's labels, overridden
+    truth: torch.Tensor  # int16 [samples]
 
-    def __post_init__(self) -> None:
-        self.noisy = {k for k, label in self.given.items() if label != self.truth[k]}
+    @property
+    def noisy(self) -> torch.Tensor:
+        return self.given != self.truth
 
 
-def read_train_labels(cfg: TrainConfig, overrides: dict[str, int]) -> TrainLabels | None:
-    """None unless the override table has a `true_label` column (scn_scale.noise writes one)."""
+def read_train_index(cfg: TrainConfig) -> tuple[ManifestIndex, TrainLabels | None]:
+    """The training set's sample index (from its manifest) and its labels by row, the latter only
+    if the override table has a `true_label` column (scn_scale.noise writes one).
+
+    Every rank reads both: every rank keys its samples by row, and splits its alpha
+    histogram into noisy and clean samples itself.
+    """
+    manifest = read_manifest(cfg.train_shards, columns=["key", "label"])
+    train_index = ManifestIndex.build(manifest.column("key"))
+    index, rows = train_index.index, train_index.of_manifest_row
     if not cfg.label_overrides or "true_label" not in pq.read_schema(cfg.label_overrides).names:
-        return None
-    manifest = read_manifest(cfg.train_shards, columns=["key", "label"]).to_pydict()
-    truth = dict(zip(manifest["key"], manifest["label"]))
-    given = {**truth, **overrides}
-    truth.update(load_ground_truth(cfg.label_overrides))
-    return TrainLabels(given=given, truth=truth)
+        return train_index, None
+    truth = torch.zeros(len(index), dtype=torch.int16)
+    truth[torch.from_numpy(rows)] = torch.tensor(manifest.column("label").to_numpy(), dtype=torch.int16)
+    given = truth.clone()
+    noise = pq.read_table(cfg.label_overrides, columns=["key", "label", "true_label"])
+    noisy_rows = torch.from_numpy(index.lookup(noise.column("key")))
+    given[noisy_rows] = torch.tensor(noise.column("label").to_numpy(), dtype=torch.int16)
+    truth[noisy_rows] = torch.tensor(noise.column("true_label").to_numpy(), dtype=torch.int16)
+    return train_index, TrainLabels(given=given, truth=truth)
 
 
 def training_loss(
@@ -240,11 +255,12 @@ class Worker:
         self.train_set: ShardSet = open_shard_set(self.cfg.train_shards)
         self.val_set: ShardSet = open_shard_set(self.cfg.val_shards)
         self.overrides = load_overrides(self.cfg.label_overrides) if self.cfg.label_overrides else {}
-        self.labels = read_train_labels(self.cfg, self.overrides) if self.rank == 0 else None
+        self.train_index, self.labels = read_train_index(self.cfg)
+        self.index = self.train_index.index
         self.fault = FaultPlan.parse(self.cfg.fail_at, self.cfg.num_workers)
         resume_from = ray.train.get_checkpoint()
         self.engine = build_engine(spec, device, init=bool(self.cfg.init) and resume_from is None)
-        self.table = RelabelTable()
+        self.table = RelabelTable(self.index)
         self.first_epoch = 1
         self.resumed_from: dict | None = None
         if resume_from is not None:
@@ -253,7 +269,7 @@ class Worker:
 
     def _restore(self, ckpt: ray.train.Checkpoint) -> None:
         with ckpt.as_directory() as directory:
-            restored = checkpoint.load(directory, self.engine, self.world)
+            restored = checkpoint.load(directory, self.engine, self.world, self.index)
         if tuple(restored.classes) != self.spec.classes:
             raise checkpoint.CheckpointError(f"the checkpoint's classes {restored.classes} differ from the shard set's {list(self.spec.classes)}")
         self.table, self.first_epoch = restored.table, restored.epoch + 1
@@ -289,7 +305,7 @@ class Worker:
 
     def _forward_backward(
         self, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[str], epoch: int
-    ) -> tuple[SCNOutput, LossParts, list[Proposal]]:
+    ) -> tuple[SCNOutput, LossParts, BatchProposals | None]:
         """One micro-batch: loss, backward, (boundary) step; then the proposals from this forward pass."""
         with self.autocast():
             out = self.engine(images)
@@ -297,11 +313,16 @@ class Worker:
         self.engine.backward(parts.total)
         self.engine.step()
         if self.cfg.method == "baseline":
-            return out, parts, []
+            return out, parts, None
         return out, parts, propose_relabels(keys, labels, out, epoch, self.cfg.scn, ranked, offset)
 
-    def train_epoch(self, epoch: int) -> tuple[EpochStats, list[Proposal], dict[str, float]]:
-        """Train one epoch; returns this rank's sums, relabel proposals and alpha by key (last visit)."""
+    def train_epoch(self, epoch: int, tracker: tracking.RunTracker | None = None) -> tuple[EpochStats, sync.EpochSamples]:
+        """Train one epoch; returns this rank's sums and its record of the samples it trained (alpha, proposals).
+
+        Sums, alpha and proposals stay on the device: the loop reads the sums back every
+        `log_every_steps` steps and at the end, and waits for the device nowhere else. Those
+        reads feed the progress display and `tracker` (rank 0's, None elsewhere).
+        """
         torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, epoch)
@@ -310,32 +331,44 @@ class Worker:
         # Whole accumulation cycles only: a partial cycle's gradients would leak into the next
         # epoch, and be lost on resume.
         steps = len(loader.dataset) // self.cfg.grad_accum * self.cfg.grad_accum
-        stats, proposals, alpha = EpochStats(), [], {}
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not (self.spec.progress and self.rank == 0), mininterval=2.0)
+        stats, samples, sums = EpochStats(), sync.EpochSamples(epoch), metrics.RunningSums(self.device)
+        shown = progress.EpochProgress(progress.mode(self.spec.progress, self.spec.terminal, self.rank), epoch, steps)
+        meter = tracking.StepMeter(lr_at(self.cfg, epoch), self.world)
         tick = time.perf_counter()
         for step, batch in enumerate(islice(loader, steps), start=1):
             loaded = time.perf_counter()
             stats.data_time += loaded - tick
             keys = list(batch["key"])
-            labels = self.table.apply(keys, batch["label"]).to(self.device)
-            out, parts, new = self._forward_backward(self._images(batch), labels, keys, epoch)
-            proposals.extend(new)
+            rows = self.train_index.rows(batch["row"], keys)
+            labels = self.table.labels_at(rows, batch["label"])
+            # From pinned memory the copy is queued; from pageable memory it would wait for the device.
+            labels = (labels.pin_memory() if self.device.type == "cuda" else labels).to(self.device, non_blocking=True)
+            out, parts, proposals = self._forward_backward(self._images(batch), labels, keys, epoch)
+            samples.add(rows, out.alpha, proposals)
             n = len(keys)
             stats.samples += n
             stats.steps += 1
             stats.skipped += int(batch["skipped"])
-            stats.loss += float(parts.total.detach()) * n
-            stats.wce += float(parts.wce.detach()) * n
-            stats.rr += float(parts.rr.detach()) * n
-            stats.correct += int((out.logits.argmax(1) == labels).sum())
-            alpha.update(zip(keys, out.alpha.detach().float().cpu().tolist()))
+            sums.add(n, parts.total, parts.wce, parts.rr, (out.logits.argmax(1) == labels).sum(), out.alpha)
+            if step % self.cfg.log_every_steps == 0:
+                running = sums.read()
+                scalars = meter.read(running, stats.samples)
+                shown.report(step, running["loss"] / stats.samples, running["alpha"] / stats.samples, scalars["step/images_per_s"])
+                if tracker is not None:
+                    tracker.log_interval(step, scalars)
             if self.fault is not None:
                 self.fault.check(epoch, step, self.rank, self.spec.run_dir)
-            bar.update()
+            shown.advance()
             tick = time.perf_counter()
             stats.compute_time += tick - loaded
-        bar.close()
-        return stats, proposals, alpha
+        shown.close()
+        tick = time.perf_counter()
+        totals = sums.read()  # waits for the device to finish the epoch's last steps: compute time
+        stats.compute_time += time.perf_counter() - tick
+        if tracker is not None and stats.samples > meter.samples:  # the steps since the last interval's read
+            tracker.log_interval(stats.steps, meter.read(totals, stats.samples))
+        stats.loss, stats.wce, stats.rr, stats.correct = totals["loss"], totals["wce"], totals["rr"], round(totals["correct"])
+        return stats, samples
 
     def validate(self, epoch: int) -> tuple[Predictions | None, int]:
         """Predictions on the validation set, each sample once, on rank 0 (None elsewhere); and skipped samples, all ranks."""
@@ -352,15 +385,10 @@ class Worker:
         total_skipped = sum(sync.all_gather_object(skipped[0]))
         return (Predictions.concat(parts).dedupe() if parts is not None else None), total_skipped
 
-    def epoch_line(
-        self, epoch: int, ranks: list[EpochStats], changed: int, digests: list[str], alpha: dict[str, float], val: Predictions, val_skipped: int
-    ) -> dict:
+    def epoch_line(self, epoch: int, ranks: list[EpochStats], end: sync.EpochEnd, val: Predictions, val_skipped: int) -> dict:
         """The metrics of one epoch, as reported and written to metrics.jsonl (rank 0)."""
         samples = sum(s.samples for s in ranks)
         wall = [s.data_time + s.compute_time for s in ranks]
-        keys = sorted(alpha)
-        noisy = None if self.labels is None else np.array([k in self.labels.noisy for k in keys])
-        table = self.table.to_pydict()
         val_summary = summarize(val, self.spec.classes)
         line = {
             "epoch": epoch,
@@ -378,19 +406,20 @@ class Worker:
             "val": {k: val_summary[k] for k in ("samples", "per_class_accuracy", "confusion_matrix", "alpha")},
             # alpha of every sample trained this epoch (its last visit), split by the injected
             # noise when label_overrides records the truth (the literature's "noisy samples").
-            "alpha": metrics.alpha_stats(np.array([alpha[k] for k in keys]), noisy),
-            "relabels": changed,
-            "relabels_total": sum(o != c for o, c in zip(table["original_label"], table["current_label"])),
+            # From every rank's histogram: quantiles exact to one bin (metrics.ALPHA_BINS), the rest exact.
+            "alpha": end.alpha.stats(),
+            "relabels": end.changed,
+            "relabels_total": self.table.relabeled(),
             "table_size": len(self.table),
-            "table_digest": digests[0],
-            "table_digests": digests,
+            "table_digest": end.digests[0],
+            "table_digests": end.digests,
             "images_per_s": samples / max(wall),
             "images_per_s_per_worker": [s.samples / w for s, w in zip(ranks, wall)],
             "data_time_s": [s.data_time for s in ranks],
             "compute_time_s": [s.compute_time for s in ranks],
         }
         if self.labels is not None:
-            line["audit"] = self.table.audit(self.labels.truth, self.labels.given, self.spec.classes)
+            line["audit"] = self.table.audit_rows(self.labels.truth, self.labels.given, self.spec.classes)
         if self.resumed_from is not None and epoch == self.first_epoch:
             line["resumed_from"] = self.resumed_from
         return line
@@ -413,23 +442,38 @@ class Worker:
 
     def run(self) -> None:
         metrics_file = checkpoint.MetricsFile(self.spec.run_dir, self.first_epoch) if self.rank == 0 else None
-        for epoch in range(self.first_epoch, self.cfg.epochs + 1):
-            stats, proposals, alpha = self.train_epoch(epoch)
-            changed, digests = sync.merge_proposals(self.table, proposals)
-            val, val_skipped = self.validate(epoch)
-            ranks = sync.all_gather_object(stats)
-            alphas = sync.gather_object(alpha)
-            line = None
-            if self.rank == 0:
-                merged_alpha = {k: v for part in alphas for k, v in part.items()}
-                line = self.epoch_line(epoch, ranks, changed, digests, merged_alpha, val, val_skipped)
-                metrics_file.append(line)
-                log.info(
-                    "epoch %d: loss %.4f, train acc %.4f, val acc %.4f, relabels %d (total %d), %.1f images/s",
-                    epoch, line["loss"], line["train_accuracy"], line["val_accuracy"], changed,
-                    line["relabels_total"], line["images_per_s"],
-                )
-            self.save_and_report(epoch, line)
+        tracker = None
+        if self.rank == 0:
+            tracker = tracking.open_tracker(self.cfg, self.spec.run_dir, metrics_file.lines, self.first_epoch)
+        finished = False
+        try:
+            for epoch in range(self.first_epoch, self.cfg.epochs + 1):
+                self.run_epoch(epoch, metrics_file, tracker)
+            finished = True
+        finally:
+            if tracker is not None:
+                tracker.close(finished)
+
+    def run_epoch(self, epoch: int, metrics_file: checkpoint.MetricsFile | None, tracker: tracking.RunTracker | None) -> None:
+        """Train, merge the relabels, validate, record (rank 0: `metrics_file`, `tracker`) and checkpoint one epoch."""
+        stats, samples = self.train_epoch(epoch, tracker)
+        end = sync.end_epoch(self.table, samples, None if self.labels is None else self.labels.noisy)
+        # Per-sample alpha (for galleries and audits) goes from each rank to its own file, never through rank 0.
+        metrics.write_alpha_part(self.spec.run_dir, epoch, self.rank, self.index.keys_at(end.rows), end.sample_alpha)
+        val, val_skipped = self.validate(epoch)
+        ranks = sync.all_gather_object(stats)
+        line = None
+        if self.rank == 0:
+            line = self.epoch_line(epoch, ranks, end, val, val_skipped)
+            metrics_file.append(line)
+            if tracker is not None:
+                tracker.end_epoch(line)
+            log.info(
+                "epoch %d: loss %.4f, train acc %.4f, val acc %.4f, relabels %d (total %d), %.1f images/s",
+                epoch, line["loss"], line["train_accuracy"], line["val_accuracy"], end.changed,
+                line["relabels_total"], line["images_per_s"],
+            )
+        self.save_and_report(epoch, line)
 
 
 def _configure_logging(level: int | None, rank: int) -> None:
@@ -441,6 +485,9 @@ def _configure_logging(level: int | None, rank: int) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         logger.addHandler(handler)
+    # Ray Train gives its workers' root logger a console handler of its own: propagating there
+    # would print every line twice.
+    logger.propagate = False
     logger.setLevel(level)
 
 

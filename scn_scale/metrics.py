@@ -3,16 +3,33 @@
 Benchmarks with skewed classes (AffectNet, FERPlus) are compared by mean per-class
 accuracy as well as accuracy; alpha statistics are logged every epoch because alpha can
 collapse (all values near 1) when training from scratch under heavy noise.
+
+Training at web scale never brings every alpha to one process: each rank summarises its
+own samples in an `AlphaHistogram` (fixed bins, exact moments), the ranks add them up,
+and each rank writes its per-sample alpha to its own parquet part (`write_alpha_part`).
+The step loop's sums stay on the device (`RunningSums`) until the trainer reads them.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from shards.atomic import atomic_path
+from shards.fs import join, open_fs
 
 QUANTILES = (5, 25, 50, 75, 95)
 COLLAPSE_THRESHOLD = 0.99
+#: Histogram bins on [0, 1]: quantiles from the histogram are exact to one bin (0.001).
+ALPHA_BINS = 1000
+ALPHA_DIR = "alpha"
 
 
 def _array(x: Any) -> np.ndarray:
@@ -56,6 +73,18 @@ def mean_class_accuracy(preds: Any, targets: Any, num_classes: int) -> float:
     return float(present.mean()) if present.size else float("nan")
 
 
+def accuracy_gap(a: float, b: float, n: int) -> tuple[float, float]:
+    """Difference a - b of two accuracies on the same n test samples, and twice its standard error.
+
+    The binomial errors are combined as if independent, which overstates the error of a
+    paired comparison: a gap beyond this margin is a real one.
+    """
+    if not n:
+        return a - b, math.nan
+    se = math.hypot(*(math.sqrt(max(p * (1 - p), 1e-12) / n) for p in (a, b)))
+    return a - b, 2 * se
+
+
 def alpha_stats(alpha: Any, noisy: Any | None = None) -> dict:
     """Distribution of alpha: mean, std, min, max, quantiles q05..q95 and `above_0_99` (the
     share of samples above 0.99, the collapse check); with a noisy-label mask, the same
@@ -86,3 +115,113 @@ def _describe(values: np.ndarray) -> dict:
         stats[f"q{q:02d}"] = float(v)
     stats["above_0_99"] = float((values > COLLAPSE_THRESHOLD).mean())
     return stats
+
+
+@dataclass
+class AlphaHistogram:
+    """One or more ranks' alpha distribution: `alpha_stats`' fields without holding the values.
+
+    Row 0 is every sample, rows 1 and 2 the noisy and clean ones when the truth is known.
+    n, mean, std, min, max and `above_0_99` are exact; quantiles are read off the
+    histogram, exact to within one bin (1 / ALPHA_BINS). Ranks combine by summing
+    `counts` and `moments` and taking the min of `low` and the max of `high`.
+    """
+
+    counts: Tensor  # float64 [groups, ALPHA_BINS]; float64 so that one sum carries counts and moments
+    moments: Tensor  # float64 [groups, 4]: n, sum, sum of squares, how many above COLLAPSE_THRESHOLD
+    low: Tensor  # float64 [groups]: min (+inf when empty)
+    high: Tensor  # float64 [groups]: max (-inf when empty)
+
+    @classmethod
+    def of(cls, alpha: Tensor, noisy: Tensor | None = None) -> AlphaHistogram:
+        """The histogram of `alpha` ([n], any float dtype), split by the boolean `noisy` mask when given."""
+        alpha = alpha.detach().double().flatten()
+        groups = [alpha] if noisy is None else [alpha, alpha[noisy], alpha[~noisy]]
+        counts = torch.stack([torch.histc(g, bins=ALPHA_BINS, min=0.0, max=1.0) for g in groups]).double()
+        moments = torch.tensor([[len(g), g.sum(), (g * g).sum(), (g > COLLAPSE_THRESHOLD).sum()] for g in groups], dtype=torch.float64)
+        low = torch.tensor([g.min() if len(g) else float("inf") for g in groups], dtype=torch.float64)
+        high = torch.tensor([g.max() if len(g) else float("-inf") for g in groups], dtype=torch.float64)
+        return cls(counts, moments, low, high)
+
+    def stats(self) -> dict:
+        """The metrics line's `alpha`: the keys of `alpha_stats`."""
+        described = [self._describe(g) for g in range(len(self.moments))]
+        stats = described[0]
+        if len(described) == 3:
+            stats["noisy"], stats["clean"] = described[1], described[2]
+        return stats
+
+    def _describe(self, g: int) -> dict:
+        n, total, squares, above = self.moments[g].tolist()
+        if not n:
+            return {"n": 0}
+        mean = total / n
+        low, high = float(self.low[g]), float(self.high[g])
+        stats = {"n": int(n), "mean": mean, "std": max(squares / n - mean * mean, 0.0) ** 0.5, "min": low, "max": high}
+        # Quantiles: numpy's linear interpolation between order statistics, each order
+        # statistic placed within its bin as if the bin's samples were evenly spread.
+        cumulative = torch.cumsum(self.counts[g], 0)
+        for q in QUANTILES:
+            rank = (n - 1) * q / 100
+            values = [self._order_statistic(cumulative, k) for k in (int(rank), min(int(rank) + 1, int(n) - 1))]
+            value = values[0] + (rank - int(rank)) * (values[1] - values[0])
+            stats[f"q{q:02d}"] = min(max(value, low), high)
+        stats["above_0_99"] = above / n
+        return stats
+
+    @staticmethod
+    def _order_statistic(cumulative: Tensor, k: int) -> float:
+        """The k-th smallest sample (0-based), estimated from the cumulative bin counts."""
+        b = int(torch.searchsorted(cumulative, torch.tensor(k + 0.5, dtype=cumulative.dtype)))
+        before = float(cumulative[b - 1]) if b else 0.0
+        inside = float(cumulative[b]) - before
+        return (b + (k - before + 0.5) / inside) / ALPHA_BINS
+
+
+class RunningSums:
+    """The training step's per-sample sums (loss, wce, rr, correct, alpha and its square, for the
+    per-step alpha std that tracking logs), kept on the device.
+
+    Adding is a device operation, so a step never waits for the host; `read` copies the
+    sums back (one synchronisation), which the trainer does once per logging interval.
+    """
+
+    FIELDS = ("loss", "wce", "rr", "correct", "alpha", "alpha_sq")
+
+    def __init__(self, device: torch.device) -> None:
+        self.total = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+
+    def add(self, n: int, loss: Tensor, wce: Tensor, rr: Tensor, correct: Tensor, alpha: Tensor) -> None:
+        """One batch of `n` samples: batch means loss, wce and rr; the count of correct predictions; alpha per sample."""
+        means = torch.stack([loss.detach(), wce.detach(), rr.detach()]).double() * n
+        alpha = alpha.detach().double()
+        self.total += torch.cat([means, correct.double().reshape(1), alpha.sum().reshape(1), (alpha * alpha).sum().reshape(1)])
+
+    def read(self) -> dict[str, float]:
+        return dict(zip(self.FIELDS, self.total.tolist()))
+
+
+def alpha_part_url(run: str, epoch: int, rank: int) -> str:
+    """Where rank `rank` writes epoch `epoch`'s per-sample alpha: `run/alpha/epoch_NNNN/rank_RRRR.parquet`.
+
+    One directory per epoch, one part per rank: `pyarrow.parquet.read_table` reads the
+    directory as one table (it skips the dot-named temporary files of unfinished writes).
+    """
+    return join(run.rstrip("/"), f"{ALPHA_DIR}/epoch_{epoch:04d}/rank_{rank:04d}.parquet")
+
+
+def write_alpha_part(run: str, epoch: int, rank: int, keys: pa.Array, alpha: Tensor | np.ndarray) -> str:
+    """Write one rank's per-sample alpha of one epoch (columns key, alpha) into the run directory; return its URL.
+
+    Atomic on a local file system; object stores publish whole objects anyway.
+    """
+    url = alpha_part_url(run, epoch, rank)
+    table = pa.table({"key": keys, "alpha": pa.array(np.asarray(alpha, dtype=np.float32))})
+    fs, path = open_fs(url)
+    if "file" in fs.protocol:
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, use_dictionary=False)  # unique keys: a dictionary only costs time
+    else:
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f, use_dictionary=False)
+    return url

@@ -1,26 +1,31 @@
-"""What SCN must agree on across data-parallel ranks: the ranked alpha and the relabel table.
+"""What SCN must agree on across data-parallel ranks: the ranked alpha, the relabel table and the epoch's statistics.
 
 Rank regularization over the global batch needs every rank's alpha in one tensor, with
 gradient flowing only into this rank's own part (the others are constants here; their
 owners back-propagate them). Relabel proposals are gathered at each epoch end and merged
-in rank order into one table on every rank; a digest gathered from every rank then proves
-the tables are identical, because a rank training on different labels would drift
-silently. Without an initialized process group (one process) everything is local.
+into one table on every rank; a digest gathered from every rank then proves the tables
+are identical, because a rank training on different labels would drift silently.
+Without an initialized process group (one process) everything is local.
 
-Object collectives (`all_gather_object`) carry up to about 1e5 proposals an epoch
-comfortably (docs/distributed_notes.md); beyond that a dense label table indexed by a
-global sample id with all_reduce(MAX) would be the next step.
+At web scale (10 million samples, 64 ranks) nothing per sample travels as a Python
+object and nothing per sample goes to rank 0: an epoch's proposals travel as fixed-size
+int64 rows (16 bytes a proposal, every rank receives every proposal, since every rank
+holds the whole table), the alpha distribution as a histogram of fixed size, and
+per-sample alpha stays on its rank, which writes it to its own parquet part.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from scn_scale.relabel import Proposal, reduce_proposals
+from scn_scale.metrics import AlphaHistogram
+from scn_scale.relabel import BatchProposals, ProposalRows
 from scn_scale.relabel_table import RelabelTable
 
 T = TypeVar("T")
@@ -38,8 +43,13 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
 
 
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must live: NCCL (GPU runs) only moves CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_gather_object(obj: T) -> list[T]:
-    """Every rank's `obj`, in rank order, on every rank."""
+    """Every rank's `obj`, in rank order, on every rank: for small objects (one per rank)."""
     if not _distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -88,15 +98,127 @@ def check_digests(table: RelabelTable) -> list[str]:
     return digests
 
 
-def merge_proposals(table: RelabelTable, proposals: Iterable[Proposal]) -> tuple[int, list[str]]:
+def _encode(p: ProposalRows) -> Tensor:
+    """[P, 2] int64: row << 32 | new label << 16 | old label, and the margin's float64 bits (exact)."""
+    if len(p) and (p.rows.max() >= 2**31 or torch.cat([p.old_label, p.new_label]).max() >= 2**16):
+        raise ValueError("proposal rows must be below 2**31 and labels below 2**16 to travel between ranks")
+    head = (p.rows << 32) | (p.new_label << 16) | p.old_label
+    return torch.stack([head, p.margin.view(torch.int64)], dim=1)
+
+
+def _decode(wire: Tensor, epoch: int) -> ProposalRows:
+    head = wire[:, 0]
+    return ProposalRows(epoch, head >> 32, head & 0xFFFF, (head >> 16) & 0xFFFF, wire[:, 1].contiguous().view(torch.float64))
+
+
+def all_gather_proposals(proposals: ProposalRows) -> ProposalRows:
+    """Every rank's proposals of one epoch, on every rank: two all_gathers of fixed-size int64 tensors.
+
+    Ranks hold different numbers of proposals; each pads to the largest count (gathered first).
+    """
+    if not _distributed():
+        return proposals
+    device, world = _collective_device(), dist.get_world_size()
+    count = torch.tensor([len(proposals)], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros(max(sizes), 2, dtype=torch.int64, device=device)
+    padded[: len(proposals)] = _encode(proposals).to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return _decode(torch.cat([part[:size] for part, size in zip(parts, sizes)]).cpu(), proposals.epoch)
+
+
+def merge_proposals(table: RelabelTable, proposals: ProposalRows) -> tuple[int, list[str]]:
     """Merge this epoch's proposals of every rank into `table`; return (labels changed, digests per rank).
 
-    Each rank first reduces its own proposals to one per key (rollover revisits samples
-    within an epoch), then every rank merges the same gathered list in rank order. The
-    table's merge rule does not depend on that order, so any mismatch found afterwards
-    is a real fault, not a tie broken differently.
+    Each rank first reduces its own proposals to one per row (rollover revisits samples
+    within an epoch), then every rank merges every rank's. The table's merge rule does not
+    depend on the order, so any mismatch found afterwards is a real fault, not a tie
+    broken differently.
     """
-    local = sorted(reduce_proposals(proposals).values(), key=lambda p: p.key)
-    gathered = [p for part in all_gather_object(local) for p in part]
-    changed = table.merge(gathered)
+    changed = table.merge_rows(all_gather_proposals(proposals.reduced()))
     return changed, check_digests(table)
+
+
+def all_reduce_alpha(hist: AlphaHistogram) -> AlphaHistogram:
+    """The histogram of every rank's samples, on every rank: three all_reduces of ALPHA_BINS-sized tensors."""
+    if not _distributed():
+        return hist
+    device, groups = _collective_device(), len(hist.moments)
+    sums = torch.cat([hist.counts, hist.moments], dim=1).to(device)
+    low, high = hist.low.to(device), hist.high.to(device)
+    dist.all_reduce(sums)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    sums = sums.cpu()
+    return AlphaHistogram(sums[:, : -hist.moments.shape[1]], sums[:, -hist.moments.shape[1] :], low.cpu(), high.cpu())
+
+
+class EpochSamples:
+    """One rank's per-sample record of an epoch: the rows it trained, their alpha and its relabel proposals.
+
+    Alpha and proposals stay on the device where the step made them (appending costs no
+    host synchronisation); rows are host arrays (from the manifest rows the reader gives).
+    Everything comes back to the host once, at the epoch end.
+    """
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._rows: list[np.ndarray] = []
+        self._alpha: list[Tensor] = []
+        self._proposal_rows: list[np.ndarray] = []
+        self._proposals: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # fire, old label, new label, margin
+
+    def add(self, rows: np.ndarray, alpha: Tensor, proposals: BatchProposals | None) -> None:
+        self._rows.append(rows)
+        self._alpha.append(alpha.detach().float())
+        if proposals is not None:  # every sample of the batch, fired or not: compacting would wait for the device
+            self._proposal_rows.append(rows)
+            p = proposals
+            self._proposals.append((p.fire, p.old_label.to(torch.int16), p.new_label.to(torch.int16), p.margin))
+
+    def last_visits(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, alpha) of every sample trained this epoch, each once: its alpha at its last visit."""
+        if not self._rows:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        rows = np.concatenate(self._rows)
+        alpha = torch.cat(self._alpha).cpu().numpy()
+        # The last position of each row, in one pass over dense rows (np.unique would sort them).
+        last = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+        np.maximum.at(last, rows, np.arange(len(rows)))
+        unique = np.flatnonzero(last >= 0)
+        return unique, alpha[last[unique]]
+
+    def proposals(self) -> ProposalRows:
+        """The epoch's fired proposals, keyed by row (not yet reduced: a row may appear more than once)."""
+        if not self._proposals:
+            return ProposalRows.of(self.epoch, [], [], [], [])
+        fire, old, new, margin = (torch.cat(column).cpu() for column in zip(*self._proposals))
+        every = ProposalRows(self.epoch, torch.from_numpy(np.concatenate(self._proposal_rows)), old.long(), new.long(), margin.double())
+        return every.select(fire)
+
+
+@dataclass
+class EpochEnd:
+    """What the epoch-end exchange leaves on a rank."""
+
+    changed: int  # labels the merge changed
+    digests: list[str]  # the table digest of every rank, rank order
+    alpha: AlphaHistogram  # every rank's samples
+    rows: np.ndarray  # this rank's samples (each once) and their alpha: for its own parquet part
+    sample_alpha: np.ndarray
+
+
+def end_epoch(table: RelabelTable, samples: EpochSamples, noisy: Tensor | None) -> EpochEnd:
+    """The state every rank exchanges at an epoch end: proposals merged into the table (digests
+    checked) and the alpha histogram (split by `noisy`, a mask by row, when the truth is known).
+
+    Collective: every rank calls it. What travels does not grow with the samples a rank
+    trained, except the proposals every rank needs to update its copy of the table.
+    """
+    changed, digests = merge_proposals(table, samples.proposals())
+    rows, alpha = samples.last_visits()
+    hist = AlphaHistogram.of(torch.from_numpy(alpha), None if noisy is None else noisy[torch.from_numpy(rows)])
+    return EpochEnd(changed, digests, all_reduce_alpha(hist), rows, alpha)

@@ -244,7 +244,9 @@ class ShardStream(IterableDataset):
 
     Each image is decoded by `decode` (bytes in) and then passed through `transform`.
     Each batch is a dict: `image` (the transform's outputs, collated), `label` (class
-    indices, after static label overrides), `key` (list of sample keys) and `skipped`
+    indices, after static label overrides), `key` (list of sample keys), `row` (each
+    sample's row in the set's manifest, so that per-sample state needs no lookup by key;
+    -1 for a sample the manifest does not place where the tar has it) and `skipped`
     (samples this worker dropped as unreadable since its previous batch). Training
     streams mix with `interleave` pieces at once and a `shuffle_buffer` of samples;
     evaluation leaves both at 1 and 0 and reads each piece in order.
@@ -304,48 +306,49 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return 0 if info is None else info.id
 
-    def _piece_start(self, piece: Piece) -> tuple[int, str] | None:
-        """(byte offset, key) of the piece's first sample, from its shard's manifest part.
+    def _piece_rows(self, piece: Piece) -> tuple[list[str], int | None]:
+        """The keys of the piece's samples and the byte offset of its first, from its shard's manifest part.
 
-        None for a piece at the shard's start, and for sets written before offsets were
-        recorded: those pieces pass over the samples before them, reading headers only.
+        The offset is None for a piece at the shard's start, and for sets written before
+        offsets were recorded: those pieces pass over the samples before them, reading headers only.
         """
-        if piece.start == 0:
-            return None
         url = self.shard_set.shards[piece.shard]
         with fsspec.open(url[: -len(".tar")] + ".parquet", "rb") as f:
             part = pq.ParquetFile(f)
-            if "offset" not in part.schema_arrow.names:
-                return None
-            row = part.read(columns=["key", "offset"]).slice(piece.start, 1).to_pylist()
-        if not row or row[0]["offset"] is None:
-            return None
-        return row[0]["offset"], row[0]["key"]
+            columns = ["key", "offset"] if "offset" in part.schema_arrow.names else ["key"]
+            rows = part.read(columns=columns).slice(piece.start, piece.count).to_pydict()
+        offsets = rows.get("offset") or [None]
+        return rows["key"], offsets[0] if piece.start else None
 
     def _piece_samples(self, piece: Piece, skips: _Skips) -> Iterator[dict[str, Any]]:
-        """The piece's samples as webdataset sample dicts (`__key__`, `__url__`, one entry per member).
+        """The piece's samples as webdataset sample dicts (`__key__`, `__url__`, one entry per member),
+        each with its `__row__` in the set's manifest (-1 where the tar and the manifest disagree).
 
         Any fault (a malformed tar, an unreadable file, a sample webdataset cannot group)
         costs the rest of this piece, logged with the shard and where it broke, never the run.
         """
         url = self.shard_set.shards[piece.shard]
+        first_row = sum(self.shard_set.sizes[: piece.shard]) + piece.start
 
         def skip(exc: Exception) -> bool:
             skips.add(f"{url}:{piece.start}:{exc}", f"skipping the rest of samples {piece.start}+{piece.count} of {url}: {exc}")
             return True
 
         try:
-            start = self._piece_start(piece)
+            keys, offset = self._piece_rows(piece)
             with fsspec.open(url, "rb") as f:
                 # The writer's members go in sorted order, so a sample starts with its `cls`.
-                found = start is not None and name_at(f, start[0]) == f"{start[1]}.cls"
-                if start is not None and not found:
+                found = offset is not None and name_at(f, offset) == f"{keys[0]}.cls"
+                if offset is not None and not found:
                     skips.note(url, f"{url}: samples are not at their manifest offsets (the shard changed since "
                                "it was written?); finding them by their headers instead")
                     f.seek(0)
                 members = iter_members(f, url, 0 if found else piece.start)
                 files = ({"fname": n, "data": d, "__url__": url} for n, d in members)
-                yield from islice(wds.tariterators.group_by_keys(files, handler=skip), piece.count)
+                samples = islice(wds.tariterators.group_by_keys(files, handler=skip), piece.count)
+                for i, sample in enumerate(samples):
+                    sample["__row__"] = first_row + i if i < len(keys) and sample["__key__"] == keys[i] else -1
+                    yield sample
         except Exception as exc:  # hostile or damaged input: see the docstring
             skip(exc)
 
@@ -386,7 +389,7 @@ class ShardStream(IterableDataset):
         if not 0 <= label < len(self.shard_set.classes):
             raise ValueError(f"class index {label} is outside the set's {len(self.shard_set.classes)} classes")
         label = self.overrides.get(key, label)
-        return {"image": self.transform(self.decode(_image_of(raw))), "label": label, "key": key}
+        return {"image": self.transform(self.decode(_image_of(raw))), "label": label, "key": key, "row": raw["__row__"]}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.plan()

@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from scn_scale.metrics import accuracy, alpha_stats, confusion_matrix, mean_class_accuracy, per_class_accuracy
+from scn_scale.metrics import (
+    ALPHA_BINS,
+    QUANTILES,
+    AlphaHistogram,
+    RunningSums,
+    accuracy,
+    accuracy_gap,
+    alpha_stats,
+    confusion_matrix,
+    mean_class_accuracy,
+    per_class_accuracy,
+)
 
 # true:  0 0 0 1 1 2 2 2 2 ; class 3 has no sample
 # pred:  0 0 1 1 3 2 2 0 2
@@ -28,6 +39,15 @@ def test_accuracies():
     assert mean_class_accuracy(PREDS, TARGETS, 4) == pytest.approx((2 / 3 + 1 / 2 + 3 / 4) / 3)
 
 
+def test_accuracy_gap_and_its_two_standard_errors():
+    # 0.6 and 0.5 on 1,000 samples: se = sqrt(0.24/1000 + 0.25/1000) = 0.02214
+    diff, margin = accuracy_gap(0.6, 0.5, 1000)
+    assert diff == pytest.approx(0.1)
+    assert margin == pytest.approx(2 * math.sqrt(0.49 / 1000))
+    assert accuracy_gap(0.5, 0.6, 1000)[1] == margin  # symmetric
+    assert math.isnan(accuracy_gap(0.6, 0.5, 0)[1])
+
+
 def test_alpha_stats_split_by_noise():
     alpha = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.995, 0.999])
     noisy = torch.tensor([True, True, False, False, False, False])
@@ -43,3 +63,37 @@ def test_alpha_stats_split_by_noise():
     assert stats["clean"]["n"] == 4 and stats["clean"]["above_0_99"] == pytest.approx(0.5)
     assert "noisy" not in alpha_stats(alpha)
     assert alpha_stats(alpha, [False] * 6)["noisy"] == {"n": 0}
+
+
+def _added(parts: list[AlphaHistogram]) -> AlphaHistogram:
+    """Ranks' histograms combined as scn_scale.sync.all_reduce_alpha does."""
+    return AlphaHistogram(
+        sum(p.counts for p in parts), sum(p.moments for p in parts),
+        torch.stack([p.low for p in parts]).amin(0), torch.stack([p.high for p in parts]).amax(0),
+    )
+
+
+def test_alpha_histogram_gives_alpha_stats_fields_from_ranks_parts():
+    rng = np.random.default_rng(0)
+    alpha = torch.from_numpy(np.concatenate([rng.beta(5, 2, 5000), rng.uniform(0.99, 1.0, 300)])).float()
+    noisy = torch.from_numpy(rng.random(alpha.shape[0]) < 0.3)
+    exact = alpha_stats(alpha, noisy)
+    stats = _added([AlphaHistogram.of(alpha[:2000], noisy[:2000]), AlphaHistogram.of(alpha[2000:], noisy[2000:])]).stats()
+    for got, want in ((stats, exact), (stats["noisy"], exact["noisy"]), (stats["clean"], exact["clean"])):
+        assert set(got) == set(want) and got["n"] == want["n"]
+        for key in ("mean", "std", "min", "max", "above_0_99"):  # exact
+            assert got[key] == pytest.approx(want[key], rel=1e-9), key
+        for q in QUANTILES:  # from the histogram: within one bin
+            assert abs(got[f"q{q:02d}"] - want[f"q{q:02d}"]) <= 1 / ALPHA_BINS, q
+    assert "noisy" not in AlphaHistogram.of(alpha).stats()
+    assert AlphaHistogram.of(alpha, torch.zeros(alpha.shape[0], dtype=torch.bool)).stats()["noisy"] == {"n": 0}
+    same = AlphaHistogram.of(torch.full((7,), 0.4321)).stats()  # quantiles stay within [min, max]
+    assert all(same[f"q{q:02d}"] == pytest.approx(0.4321) for q in QUANTILES)
+
+
+def test_running_sums_are_per_sample_sums():
+    sums = RunningSums(torch.device("cpu"))
+    sums.add(4, torch.tensor(2.0), torch.tensor(1.5), torch.tensor(0.5), torch.tensor(3), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    sums.add(2, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1), torch.tensor([0.5, 0.5]))
+    assert sums.read() == pytest.approx({"loss": 10.0, "wce": 8.0, "rr": 2.0, "correct": 4.0, "alpha": 2.0,
+                                   "alpha_sq": 0.8})

@@ -1,13 +1,21 @@
+import functools
+import importlib.util
 import itertools
+import sys
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scn_scale.relabel import Proposal
-from scn_scale.relabel_table import COLUMNS, RelabelTable
+from scn_scale.relabel import Proposal, ProposalRows
+from scn_scale.relabel_table import COLUMNS, RelabelTable, SampleIndex, UnknownKeyError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def table_of(*proposals):
@@ -168,14 +176,89 @@ def test_audit_hand_built():
     }
     assert report["precision"] == pytest.approx(3 / 5)
     assert report["recall"] == pytest.approx(3 / 4)
+    assert report["wrong_after"] == 2  # b still wrong, d corrupted: 4 wrong labels before the table, 2 after
     neutral, happiness, sadness, surprise = (report["per_class"][c] for c in classes)
     assert (neutral["precision"], neutral["recall"], neutral["corrupted"]) == (0.5, 1.0, 1)
     assert (happiness["samples"], happiness["precision"], happiness["recall"]) == (3, 0.5, 0.5)
     assert (sadness["samples"], sadness["precision"], sadness["recall"]) == (2, 1.0, 1.0)
-    assert surprise == {"samples": 0, "noisy": 0, "changed": 0, "restored": 0, "corrupted": 0, "precision": None, "recall": None}
+    assert surprise == {"samples": 0, "noisy": 0, "changed": 0, "restored": 0, "corrupted": 0, "precision": None,
+                        "recall": None, "wrong_after": 0}
     assert report["flow"] == [[0, 1, 1, 0], [1, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
 
 
 def test_audit_needs_ground_truth_for_every_sample():
     with pytest.raises(ValueError, match="no ground truth"):
         RelabelTable().audit({"a": 0}, {"a": 0, "b": 1}, ["neutral", "happiness"])
+
+
+def test_sample_index_rows_are_sorted_positions():
+    keys = ["web-b", "web-a", "c-longer-key", "web-aa"]
+    index, rows = SampleIndex.build(pa.chunked_array([keys[:2], keys[2:]]))
+    assert index.keys.tolist() == sorted(k.encode() for k in keys)
+    assert [index.keys[r].decode() for r in rows] == keys
+    assert index.lookup(["web-aa", "web-b"]).tolist() == [rows[3], rows[0]]
+    found_rows, found = index.find(["web-a", "web-", "web-bb", "c-longer-key-and-more"])
+    assert found.tolist() == [True, False, False, False] and found_rows[0] == rows[1]
+    with pytest.raises(UnknownKeyError, match="'web-c' is not among the 4 keys"):
+        index.lookup(["web-a", "web-c"])
+    assert index.keys_at(np.array([rows[2], rows[1]])).to_pylist() == ["c-longer-key", "web-a"]
+    with pytest.raises(ValueError, match="'web-a' appears more than once"):
+        SampleIndex.build(["web-a", "web-b", "web-a"])
+
+
+def test_sample_index_finds_every_key_of_a_crowded_table():
+    keys = [f"k{i:07d}" for i in range(50_000)]
+    index, rows = SampleIndex.build(keys)
+    assert (index.lookup(keys) == rows).all()  # many keys lie beyond their home window
+    assert not index.find([f"x{i:07d}" for i in range(50_000)])[1].any()
+
+
+def test_a_table_bound_to_an_index_refuses_other_keys_and_agrees_with_an_unbound_one(tmp_path):
+    index, _ = SampleIndex.build(["a", "b", "c", "d"])
+    bound = RelabelTable(index)
+    bound.merge([Proposal("b", 0, 2, 0.5, 10), Proposal("d", 1, 0, 0.3, 10)])
+    before = bound.digest()
+    with pytest.raises(UnknownKeyError, match="'z'"):
+        bound.merge([Proposal("a", 0, 1, 0.5, 11), Proposal("z", 0, 1, 0.5, 11)])
+    assert bound.digest() == before and bound.get("a") is None
+    unbound = table_of(Proposal("d", 1, 0, 0.3, 10), Proposal("b", 0, 2, 0.5, 10))
+    assert bound == unbound and bound.digest() == unbound.digest()  # whichever index keys them
+    path = str(tmp_path / "t.parquet")
+    bound.save(path)
+    assert RelabelTable.load(path, index) == bound and RelabelTable.load(path, index).index is index
+    with pytest.raises(UnknownKeyError, match="'b'"):
+        RelabelTable.load(path, SampleIndex.build(["a", "c", "d"])[0])
+    rows = index.lookup(["a", "a", "c"])
+    assert bound.merge_rows(ProposalRows.of(11, rows, [0, 0, 3], [1, 2, 1], [0.4, 0.4, 0.9])) == 2
+    assert (bound.get("a"), bound.get("c")) == (1, 1)  # a tie in margin: the smaller new label
+
+
+def test_audit_by_rows_equals_audit_by_keys():
+    classes = ["neutral", "happiness", "sadness"]
+    keys = ["a", "b", "c", "d", "e"]
+    index, rows = SampleIndex.build(keys)
+    truth, given_ = [0, 1, 2, 1, 0], [0, 2, 2, 0, 1]
+    t = RelabelTable(index)
+    t.merge([Proposal("b", 2, 1, 0.5, 10), Proposal("d", 0, 2, 0.5, 10), Proposal("a", 0, 1, 0.5, 10)])
+    by_row = lambda labels: torch.zeros(len(keys), dtype=torch.int16).index_put_((torch.from_numpy(rows),), torch.tensor(labels, dtype=torch.int16))
+    assert t.audit_rows(by_row(truth), by_row(given_), classes) == t.audit(dict(zip(keys, truth)), dict(zip(keys, given_)), classes)
+
+
+@functools.cache
+def _object_table() -> type:
+    """The dict-based table this one replaced, kept as the reference in bench/state_scale.py."""
+    spec = importlib.util.spec_from_file_location("state_scale", REPO / "bench" / "state_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.ObjectTable
+
+
+@settings(max_examples=100, deadline=None)
+@given(merges=st.lists(st.lists(proposal, max_size=12), max_size=4))
+def test_same_tables_as_the_dict_implementation_it_replaced(merges):
+    """Any sequence of merges, epochs mixed within and across them (outdated, tied, restated)."""
+    reference, table = _object_table()(), RelabelTable()
+    for proposals in merges:
+        assert table.merge(proposals) == reference.merge(proposals)
+        assert table.to_pydict() == reference.to_pydict()

@@ -273,9 +273,11 @@ def test_reader_gives_every_rank_the_same_batches_and_covers_the_set(tmp_path: P
         batches = list(make_loader(stream))
         lengths.append(len(batches))
         assert len(batches) == len(stream)
+        manifest = read_manifest(str(tmp_path), columns=["key"]).column("key").to_pylist()
         for batch in batches:
             assert batch["image"].shape == (4, 8, 8, 3)
             assert len(batch["key"]) == 4 and batch["label"].shape == (4,)
+            assert [manifest[row] for row in batch["row"].tolist()] == list(batch["key"])  # rows of the manifest
             seen.update(batch["key"])
     assert lengths[0] == lengths[1]
     assert set(seen) == set(keys)
