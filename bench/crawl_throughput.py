@@ -100,7 +100,7 @@ def run_ours(urls: Path, out: Path, workers: int, faces: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     seconds, cpu = timed([
         sys.executable, "-m", "crawler.build", "--provider", "urllist", "--input", str(urls), "--out", str(out),
-        "--faces", faces, "--allow-host", "127.0.0.1", "--workers", str(workers), "--crop-size", "112",
+        "--faces", faces, "--allow-host", "127.0.0.1", "--workers", str(workers), "--image-size", "112",
         "--no-progress", "--log-level", "WARNING",
         # One host serves everything here: lift the per-host politeness limits, as for an allow-listed mirror.
         "--set", "fetch.per_host_rate=0", "--set", "fetch.per_host_concurrency=64", "--set", "fetch.concurrency=64",

@@ -21,8 +21,8 @@ Stages and files, in OUT:
    a summary table; against the embedded web, the measured label noise of what was written.
 
 Exit status 0 when the crawl ran to the end, whatever share of URLs failed; 2 for bad
-arguments or settings, 1 when the crawl could not run (discovery failed, e.g. the API
-is unreachable).
+arguments or settings, or an --out that another crawl is writing (`shards.lock`); 1 when
+the crawl could not run (discovery failed, e.g. the API is unreachable).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from crawler.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from crawler.distribute import DistributeConfig, open_runner
 from crawler.faces import HAAR_INSTALL, MTCNN_INSTALL
 from crawler.netguard import check_scheme
@@ -64,10 +63,21 @@ from crawler.pipeline import (
     candidate_dicts,
     process_work_shard,
 )
-from crawler.settings import coerce, parse_yaml, read_yaml
+from crawler.settings import coerce
+from shards.cli import (
+    ArgumentParser,
+    add_log_level,
+    add_set,
+    bad_input,
+    configure_logging,
+    key_values,
+    parse_yaml,
+    read_yaml,
+)
+from shards.lock import OutputLock, OutputLocked
 
-# `shards` is imported inside the functions that use it: importing it loads webdataset and
-# torch (seconds), and every spawned worker process re-imports this module as __main__.
+# Other `shards` modules are imported inside the functions that use them: the writer and reader load
+# webdataset and torch (seconds), and every spawned worker process re-imports this module as __main__.
 
 log = logging.getLogger(__name__)
 
@@ -237,34 +247,35 @@ def run_crawl(cfg: CrawlConfig) -> dict[str, Any]:
 
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    # A crawl killed mid-write leaves temp files in its work directory, which a resume never reads
-    # (the shard writer clears the output directory's own when it opens the set).
-    for path in atomic.remove_temp_files(out / WORK_DIR):
-        log.info("removed %s, left by an interrupted write", path)
-    atomic.write_json(out / CONFIG_NAME, _jsonable(dataclasses.asdict(cfg)))
-    try:
-        runner = open_runner(cfg.distribute)  # workers start now, while discovery runs
-    except ConnectionError as exc:
-        raise CrawlError(f"cannot reach the Ray cluster at {cfg.distribute.ray_address}: {exc}") from exc
-    with runner:
-        candidates, classes, resumed = _discover(cfg, out)
-        committer, num_shards, fresh, crawl_s = _crawl(cfg, out, runner, candidates, classes)
-    _compact_work(out, num_shards)
-    atomic.write_parquet(out / DUPLICATES_NAME, pa.Table.from_pylist(committer.stats.dropped, schema=DROPPED_SCHEMA))
-    summary = summarize(out, num_shards, committer)
-    summary.update(
-        provider=cfg.provider,
-        classes=classes,
-        discovery_resumed=resumed,
-        candidates_fetched_this_run=fresh,
-        crawl_s=round(crawl_s, 3),
-        elapsed_s=round(time.monotonic() - start, 3),
-        images_per_s=round(fresh / crawl_s, 2) if crawl_s > 0 and fresh else None,
-    )
-    summary["label_noise"] = _label_noise(cfg, out)
-    atomic.write_json(out / SUMMARY_NAME, summary)
+    # The crawl's lock, taken before anything is written, covers the shard set too: its writer is handed it.
+    with OutputLock(out) as lock:
+        # A crawl killed mid-write leaves temp files in its work directory, which a resume never reads
+        # (the shard writer clears the output directory's own when it opens the set).
+        for path in atomic.remove_temp_files(out / WORK_DIR):
+            log.info("removed %s, left by an interrupted write", path)
+        atomic.write_json(out / CONFIG_NAME, _jsonable(dataclasses.asdict(cfg)))
+        try:
+            runner = open_runner(cfg.distribute)  # workers start now, while discovery runs
+        except ConnectionError as exc:
+            raise CrawlError(f"cannot reach the Ray cluster at {cfg.distribute.ray_address}: {exc}") from exc
+        with runner:
+            candidates, classes, resumed = _discover(cfg, out)
+            committer, num_shards, fresh, crawl_s = _crawl(cfg, out, runner, candidates, classes, lock)
+        _compact_work(out, num_shards)
+        atomic.write_parquet(out / DUPLICATES_NAME, pa.Table.from_pylist(committer.stats.dropped, schema=DROPPED_SCHEMA))
+        summary = summarize(out, num_shards, committer)
+        summary.update(
+            provider=cfg.provider,
+            classes=classes,
+            discovery_resumed=resumed,
+            candidates_fetched_this_run=fresh,
+            crawl_s=round(crawl_s, 3),
+            elapsed_s=round(time.monotonic() - start, 3),
+            images_per_s=round(fresh / crawl_s, 2) if crawl_s > 0 and fresh else None,
+        )
+        summary["label_noise"] = _label_noise(cfg, out)
+        atomic.write_json(out / SUMMARY_NAME, summary)
     return summary
 
 
@@ -291,8 +302,8 @@ def _discover(cfg: CrawlConfig, out: Path) -> tuple[list[Any], list[str], bool]:
     return candidates, classes, bool(discovered.resumed)
 
 
-def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any],
-           classes: list[str]) -> tuple[Committer, int, int, float]:
+def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any], classes: list[str],
+           lock: OutputLock) -> tuple[Committer, int, int, float]:
     """Run the work shards not yet done and commit every work shard in order into the shard set."""
     from shards.writer import ShardWriter
 
@@ -308,7 +319,7 @@ def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any],
     log.info("%d candidates in %d work shards; %d already done", len(rows), num_shards, len(done))
     crawl_start = time.monotonic()
     with ShardWriter(out, classes, max_samples=cfg.max_shard_samples, max_bytes=cfg.max_shard_bytes,
-                     shuffle_seed=cfg.shuffle_seed) as writer:
+                     shuffle_seed=cfg.shuffle_seed, lock=lock) as writer:
         committer = Committer(writer, classes, cfg.pipeline.dedupe)
 
         def commit_ready() -> None:
@@ -475,13 +486,7 @@ def override(obj: Any, path: str, value: Any, *, prefix: str = "") -> Any:
 
 
 def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
-    parsed = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
-        parsed[key.strip()] = parse_yaml(value, f"{flag} {item}")
-    return parsed
+    return {key: parse_yaml(value, f"{flag} {key}={value}") for key, value in key_values(items, flag).items()}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -501,11 +506,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="run work shards as Ray tasks on this cluster ('auto', 'HOST:PORT', 'local')")
     p.add_argument("--workers", type=int, help="local worker processes (default: the CPU count; 0: in-process)")
     p.add_argument("--per-query", type=int, help="results asked per query (default 200; a URL list: all rows)")
-    p.add_argument("--crop-size", type=int, help="aligned crop side in pixels (default 112; 224 doubles the template)")
+    p.add_argument("--image-size", "--crop-size", dest="crop_size", type=int, metavar="PX",
+                   help="aligned crop side in pixels (default 112; 224 doubles the template)")
     p.add_argument("--min-side", type=int,
                    help="pictures (and video frames) with a side under this many pixels are dropped as too_small, "
                         "in every --faces mode (default 32; 0: keep any)")
-    p.add_argument("--max-shard-samples", type=int, help="samples per output shard (default 1000)")
+    p.add_argument("--shard-size", "--max-shard-samples", dest="max_shard_samples", type=int, metavar="N",
+                   help="samples per output shard (default 1000)")
     p.add_argument("--work-shard-size", type=int, help="candidates per work shard (default 256)")
     p.add_argument("--shuffle-seed", type=int,
                    help="candidates are crawled and written in a random order drawn from this seed, so every "
@@ -514,10 +521,8 @@ def parser() -> argparse.ArgumentParser:
                    help="images found under several classes: skip them (default), or keep the first label in "
                         "canonical order, flagged `conflict`")
     p.add_argument("--config", help="YAML file of settings (same names as --set)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. fetch.timeout_s=5 faces.min_score=0.95 dedupe.max_distance=6 "
-                        "fetch.inflight_bytes=268435456 (bytes of bodies a worker holds at once, default 512 MiB) "
-                        "(repeatable)")
+    add_set(p, "fetch.timeout_s=5 faces.min_score=0.95 dedupe.max_distance=6 fetch.inflight_bytes=268435456 "
+               "(bytes of bodies a worker holds at once, default 512 MiB)")
     p.add_argument("--provider-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a provider setting, e.g. max_retries=0 page_size=20 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -566,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bad_input(exc)
     try:
         summary = run_crawl(cfg)  # validates every setting and input before it writes anything
-    except CrawlConfigError as exc:
+    except (CrawlConfigError, OutputLocked) as exc:  # OutputLocked: another crawl writes --out
         return bad_input(exc)
     except CrawlError as exc:
         print(f"error: the crawl could not run: {exc}", file=sys.stderr)

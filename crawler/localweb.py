@@ -44,9 +44,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from aiohttp import web
 from PIL import Image
 
-from crawler.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from crawler.queries import keyword_classes, load_queries, normalize_text
 from shards.classes import CANONICAL
+from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from crawler.settings import read_yaml
+from shards.cli import read_yaml
 from shards.classes import CANONICAL
 
 #: The built-in taxonomy: all canonical classes, ten languages.

@@ -2,38 +2,16 @@
 
 Whatever is wrong with them, a YAML syntax error, a file that is a directory or not
 UTF-8, a value of the wrong type, becomes a ValueError or OSError on one line that
-names the file or the setting, which the commands report as it is (`crawler.cli`)
+names the file or the setting, which the commands report as it is (`shards.cli`)
 instead of a traceback from deep inside the code that first tripped over the value.
+The YAML readers (`read_yaml`, `parse_yaml`) are shared with scn_scale, so they live in `shards.cli`.
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text as Python values; a syntax error is a ValueError naming `source`, line and column, on one line."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ValueError(f"{source}: invalid YAML{where}: {problem}") from exc
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's values; a file that is missing, not a file, not UTF-8 or not YAML raises an error naming it."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    return parse_yaml(text, str(path))
 
 
 def coerce(value: Any, hint: Any, name: str) -> Any:

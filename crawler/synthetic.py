@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from crawler.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from crawler.synthetic_draw import Expression, Identity, render, sample_camera, sample_identity, sample_pose
 from shards.atomic import write_bytes, write_json, write_text
 from shards.classes import BASIC7, CANONICAL, validate_classes
+from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m crawler.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--per-class", type=int, default=250)
-    parser.add_argument("--size", type=int, default=None, help="default 112 (folder) or 100 (rafdb)")
+    parser.add_argument("--image-size", "--size", dest="size", type=int, default=None, metavar="PX",
+                        help="face image side in pixels (default 112 for folder, 100 for rafdb)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=["folder", "rafdb"], default="folder")
     parser.add_argument("--classes", default=None, help="comma-separated canonical names")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -32,8 +31,9 @@ import yaml
 from torch import Tensor
 
 from scn_scale.config import TrainConfig, config_to_dict, save_config
-from scn_scale.relabel_table import RelabelTable
-from scn_scale.weights import save_model_file
+from scn_scale.relabel_table import RelabelTable, SampleIndex
+from scn_scale.weights import load_error, save_model_file
+from shards.atomic import remove_temp_files as remove_local_temp_files
 from shards.atomic import write_json
 from shards.atomic import write_text as write_local_text
 from shards.fs import join, open_fs
@@ -173,8 +173,10 @@ def _load_weights_only(path: str, map_location: Any = None) -> Any:
     try:
         with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds more than tensors, plain types and DeepSpeed's state classes: {e}") from e
+    except OSError:  # missing or unreadable: its own error names the file
+        raise
+    except Exception as e:  # torch raises many types for bytes that are no torch file (IndexError among them)
+        raise CheckpointError(load_error(path, e)) from e
 
 
 @dataclass
@@ -192,8 +194,11 @@ def read_state(directory: str) -> dict:
         return json.load(f)
 
 
-def load(directory: str, engine: DeepSpeedEngine, world_size: int) -> Restored:
+def load(directory: str, engine: DeepSpeedEngine, world_size: int, index: SampleIndex | None = None) -> Restored:
     """Restore model, optimizer and relabel table from the local checkpoint `directory` into `engine`.
+
+    The table is keyed by `index` (the training set's sample index) when given; a key it
+    does not hold is an error (UnknownKeyError).
 
     DeepSpeed reads its files through the engine's checkpoint engine, which is made to load
     with weights_only=True here: a checkpoint cannot run code when it is resumed.
@@ -218,12 +223,25 @@ def load(directory: str, engine: DeepSpeedEngine, world_size: int) -> Restored:
         raise missing
     if client_state.get("epoch") != state["epoch"]:
         raise CheckpointError(f"{directory}: DeepSpeed state is from epoch {client_state.get('epoch')}, state.json says {state['epoch']}")
-    table = RelabelTable.load(os.path.join(directory, TABLE_FILE))
+    table = RelabelTable.load(os.path.join(directory, TABLE_FILE), index)
     if table.digest() != state["table_digest"]:
         raise CheckpointError(f"{directory}: the relabel table's digest does not match the one recorded with the model")
     with open(os.path.join(directory, CLASSES_FILE)) as f:
         classes = json.load(f)
     return Restored(epoch=int(state["epoch"]), table=table, classes=classes)
+
+
+def remove_temp_files(run: str) -> list[str]:
+    """Delete what interrupted atomic writes left anywhere in the run directory `run`; returns their paths.
+
+    A worker or driver killed mid-write (metrics.jsonl, alpha parts, a checkpoint's files)
+    leaves a `.<name>.<random>.tmp` beside the file it was replacing; nothing reads them, a
+    resume rewrites what they were. Object stores publish whole objects, so a run there has none.
+    """
+    fs, root = open_fs(run)
+    if "file" not in fs.protocol or not os.path.isdir(root):
+        return []
+    return [str(path) for directory, _, _ in os.walk(root) for path in remove_local_temp_files(directory)]
 
 
 def write_text(url: str, text: str) -> None:

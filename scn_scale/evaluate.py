@@ -8,17 +8,19 @@ are matched by name; only classes both have are evaluated, and the report says s
 On several workers (WORLD_SIZE and RANK set, as under torchrun, or inside a Ray Train
 worker whose process group exists) each rank reads its part of the set, predictions are
 gathered by sample key and de-duplicated, so each sample counts exactly once; rank 0
-writes. Outputs in DIR: `report.json`, `report.md`, `predictions.parquet` (one row per
-sample: the numbers can be recounted) and the PNGs of `scn_scale.report`; for a run,
-accuracy per epoch (best and last, with the selection split named) and the relabel flow.
+writes. Outputs in DIR: `report.json`, `report.md` and its self-contained twin `report.html`,
+`predictions.parquet` (one row per sample: the numbers can be recounted), the PNGs of
+`scn_scale.report` and the galleries of `scn_scale.gallery` (confident errors per class, the
+lowest-alpha samples); for a run, accuracy per epoch (best and last, with the selection
+split named) and the relabel flow.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,13 +31,14 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
+from tqdm import tqdm
 
+from scn_scale import gallery
 from scn_scale import report as plots
 from scn_scale.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
-    TABLE_FILE,
     CheckpointError,
     latest_checkpoint,
     read_metrics,
@@ -44,10 +47,10 @@ from scn_scale.data import shard_loader
 from scn_scale.model import SCNModel, SCNOutput
 from scn_scale.noise import load_ground_truth
 from scn_scale.predictions import Predictions, collect, summarize
-from scn_scale.relabel_table import RelabelTable
-from scn_scale.weights import load_model_file
+from scn_scale.weights import WeightLoadError, load_model_file
 from shards import ShardSet, index_map, open_shard_set
 from shards.atomic import write_json, write_parquet
+from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from shards.fs import join, open_fs
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,19 @@ class EvalConfig:
     loader_workers: int = 2
     label_overrides: str = ""  # noise table (key, label, true_label): alpha of noisy vs clean samples
     device: str = ""  # "" = this rank's GPU when there is one, else CPU
+
+    def validate(self) -> None:
+        """The settings that need nothing loaded; ValueError naming the setting."""
+        for name, least in (("image_size", 0), ("batch_size", 1), ("loader_workers", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out {self.out} exists and is not a directory")
+        if self.device:
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device {self.device!r}: {e}") from e
 
 
 # -- checkpoints -----------------------------------------------------------------------
@@ -111,7 +127,6 @@ def load_checkpoint(path: str | Path) -> tuple[SCNModel, list[str], dict, str]:
     """(model in eval mode, its classes, its extra, the model file) for a checkpoint or run path."""
     model_file = find_model_file(path)
     model, classes, extra = load_model_file(model_file)
-    log.info("loaded %s (classes %s, epoch %s)", model_file, classes, extra.get("epoch"))
     return model.eval(), classes, extra, model_file
 
 
@@ -170,7 +185,10 @@ def _device(cfg: EvalConfig) -> torch.device:
 def predict_set(
     model: nn.Module, shard_set: ShardSet, cfg: EvalConfig, image_size: int, workers: Workers, device: torch.device
 ) -> Predictions:
-    """Every sample of the set once: this rank's part, gathered from all ranks, de-duplicated by key."""
+    """Every sample of the set once: this rank's part, gathered from all ranks, de-duplicated by key.
+
+    Rank 0 shows a bar over its batches when its stderr is a terminal (never in logs or under Ray).
+    """
     loader = shard_loader(
         shard_set,
         train=False,
@@ -180,7 +198,8 @@ def predict_set(
         world_size=workers.world_size,
         loader_workers=cfg.loader_workers,
     )
-    mine = collect(model.to(device), loader, device)
+    with tqdm(loader, desc="evaluate", unit="batch", disable=True if workers.rank else None, file=sys.stderr) as batches:
+        mine = collect(model.to(device), batches, device)
     if workers.world_size == 1:
         return mine.dedupe()
     parts: list[Predictions | None] = [None] * workers.world_size
@@ -189,7 +208,12 @@ def predict_set(
 
 
 def evaluate(cfg: EvalConfig) -> dict | None:
-    """Evaluate and write the report; returns the report on rank 0, None on the other ranks."""
+    """Evaluate and write the report; returns the report on rank 0, None on the other ranks.
+
+    Every input (settings, checkpoint, shard set, noise table) is read before the first
+    prediction, so a bad one fails fast and the report directory is not touched.
+    """
+    cfg.validate()
     model, model_classes, extra, model_file = load_checkpoint(cfg.checkpoint)
     shard_set = open_shard_set(cfg.shards)
     set_classes = list(shard_set.classes)
@@ -206,6 +230,8 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     if classes != model_classes:
         net = SharedClasses(model, [model_classes.index(c) for c in classes])
     image_size = cfg.image_size or trained_image_size(extra)
+    noisy_keys = set(load_ground_truth(cfg.label_overrides)) if cfg.label_overrides else None
+    log.info("evaluating %s (classes %s, epoch %s) on %s", model_file, model_classes, extra.get("epoch"), cfg.shards)
 
     workers = _workers()
     try:
@@ -219,9 +245,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     pred, left_out = _to_shared_labels(pred, set_classes, classes)
     if left_out:
         notes.append(f"{left_out} samples of classes the model lacks were left out")
-    noisy_keys = None
-    if cfg.label_overrides:
-        noisy_keys = set(load_ground_truth(cfg.label_overrides))
+    if noisy_keys is not None:
         notes.append(f"alpha split by the noise table {cfg.label_overrides} ({len(noisy_keys)} noisy keys)")
     result = summarize(pred, classes, noisy_keys)
     result.update(
@@ -258,11 +282,17 @@ def write_report(
         plots.plot_epochs(run["epochs"], out / plots.EPOCHS_PNG, run["selection_split"], run["best"]["epoch"],
                           run["last"]["epoch"])
         result["plots"]["epochs"] = plots.EPOCHS_PNG
-    relabel = relabel_summary(_parent(model_file) or ".", result["model_classes"])
+    relabel = plots.relabel_summary(_parent(model_file) or ".", result["model_classes"])
     if relabel is not None:
         result["relabel"] = relabel
         plots.plot_flow(relabel["flow"], relabel["classes"], out / plots.FLOW_PNG)
         result["plots"]["flow"] = plots.FLOW_PNG
+    images = gallery.SampleImages(cfg.shards)
+    plots.save_figure(gallery.confident_errors(images, pred.keys, pred.labels, pred.preds, pred.probs, classes),
+                      out / plots.ERRORS_PNG)
+    plots.save_figure(gallery.lowest_alpha(images, pred.keys, pred.alpha, pred.labels, classes, preds=pred.preds,
+                                           title="Lowest-alpha test samples"), out / plots.LOWEST_ALPHA_PNG)
+    result["galleries"] = {"confident_errors": plots.ERRORS_PNG, "lowest_alpha": plots.LOWEST_ALPHA_PNG}
     write_json(out / "report.json", result)
     plots.write_markdown(result, out / "report.md")
 
@@ -329,22 +359,8 @@ def _same_place(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def relabel_summary(checkpoint_dir: str, classes: list[str]) -> dict | None:
-    """Original -> current label counts of the relabeled samples in the checkpoint's relabel table."""
-    path = join(checkpoint_dir, TABLE_FILE)
-    fs, fs_path = open_fs(path)
-    if not fs.isfile(fs_path):
-        return None
-    columns = RelabelTable.load(path).to_pydict()
-    flow = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for original, current in zip(columns["original_label"], columns["current_label"]):
-        if original != current:
-            flow[original, current] += 1
-    return {"table": path, "changed": int(flow.sum()), "flow": flow.tolist(), "classes": classes}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scn_scale.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m scn_scale.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--shards", required=True, help="shard set to evaluate on")
     parser.add_argument("--out", required=True, help="report directory")
@@ -354,10 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--label-overrides", default="", help="noise table (key,label,true_label): alpha noisy/clean")
     parser.add_argument("--device", default="")
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items()})
-    result = evaluate(cfg)
+    configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k != "log_level"})
+    try:
+        result = evaluate(cfg)
+    except (CheckpointError, WeightLoadError) as e:
+        return bad_input(e, "--checkpoint")
+    except (ValueError, OSError) as e:  # the other inputs, each named (ShardSetError is a ValueError)
+        return bad_input(e)
     if result is not None:
         print(f"{result['samples']} samples: accuracy {result['accuracy']:.4f}, "
               f"mean class accuracy {result['mean_class_accuracy']:.4f} -> {Path(cfg.out) / 'report.md'}")

@@ -2,13 +2,19 @@
 
 It exists so that tests (and anyone doubting the recovery path) can watch a worker die
 mid-epoch and the run continue from its last checkpoint. Only the first attempt fails:
-the failing rank leaves a marker file in the run directory before raising, and a
+the failing rank leaves a marker file in the run directory before failing, and a
 restarted attempt that finds it trains on. Epochs and steps are 1-based.
+
+`how=kill` (`"epoch=E,step=S,rank=R,how=kill"`) makes the rank's process SIGKILL itself
+instead: no exception, no clean-up, no last words to Ray, as when the kernel's OOM killer
+or an operator ends it; Ray learns of it only from the dead process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from dataclasses import dataclass
 
 from scn_scale.config import ConfigError
@@ -18,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MARKER_NAME = "fault-injected"
 FIELDS = ("epoch", "step", "rank")
+HOWS = ("raise", "kill")
 
 
 class InjectedFault(RuntimeError):
@@ -29,31 +36,40 @@ class FaultPlan:
     epoch: int
     step: int
     rank: int
+    how: str = "raise"
 
     @classmethod
     def parse(cls, text: str, num_workers: int) -> FaultPlan | None:
-        """None for ""; ConfigError unless exactly epoch, step and rank are given, each >= 1 (rank >= 0, < num_workers)."""
+        """None for ""; ConfigError unless exactly epoch, step and rank are given, each >= 1 (rank >= 0, < num_workers),
+        and `how`, if given, is one of HOWS."""
         if not text.strip():
             return None
         values: dict[str, int] = {}
+        how = None
         for part in text.split(","):
             name, _, value = part.partition("=")
             name = name.strip()
+            if name == "how" and how is None:
+                how = value.strip()
+                if how not in HOWS:
+                    raise ConfigError(f"fail_at: how must be one of {', '.join(HOWS)}, got {how!r}")
+                continue
             if name not in FIELDS or name in values:
-                raise ConfigError(f"fail_at: {name!r} is unknown or repeated; give each of {', '.join(FIELDS)} once, e.g. 'epoch=2,step=3,rank=1'")
+                raise ConfigError(f"fail_at: {name!r} is unknown or repeated; give each of {', '.join(FIELDS)} once "
+                                  "(and how=raise or how=kill), e.g. 'epoch=2,step=3,rank=1'")
             try:
                 values[name] = int(value)
             except ValueError:
                 raise ConfigError(f"fail_at: {name} must be an integer, got {value!r}") from None
         if set(values) != set(FIELDS):
             raise ConfigError(f"fail_at needs {', '.join(FIELDS)}; got {text!r}")
-        plan = cls(**values)
+        plan = cls(**values, how=how or "raise")
         if plan.epoch < 1 or plan.step < 1 or not 0 <= plan.rank < num_workers:
             raise ConfigError(f"fail_at {text!r}: epoch and step are 1-based and rank must be in [0, {num_workers})")
         return plan
 
     def check(self, epoch: int, step: int, rank: int, run_dir: str) -> None:
-        """Raise InjectedFault at the planned point, unless an earlier attempt already did."""
+        """Fail at the planned point (raise InjectedFault, or SIGKILL this process), unless an earlier attempt did."""
         if (epoch, step, rank) != (self.epoch, self.step, self.rank):
             return
         fs, root = open_fs(run_dir)
@@ -63,5 +79,7 @@ class FaultPlan:
         fs.makedirs(root, exist_ok=True)
         with fs.open(marker, "w") as f:
             f.write(f"epoch={epoch},step={step},rank={rank}\n")
-        log.warning("injecting the failure asked for by fail_at: epoch %d, step %d, rank %d", epoch, step, rank)
+        log.warning("injecting the failure asked for by fail_at (%s): epoch %d, step %d, rank %d", self.how, epoch, step, rank)
+        if self.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"injected failure at epoch {epoch}, step {step}, rank {rank} (fail_at)")

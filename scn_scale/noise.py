@@ -8,9 +8,8 @@ and the ground truth stays at hand for the relabel audit.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards.atomic import write_parquet
-from shards.fs import join, open_fs
+from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
+from shards.fs import join, read_json
 from shards.manifest import read_manifest
 from shards.writer import STATS_NAME
 
@@ -69,23 +69,32 @@ def load_ground_truth(path: str) -> dict[str, int]:
 
 
 def _read_classes(shards: str) -> list[str]:
-    fs, root = open_fs(shards)
-    with fs.open(join(root, STATS_NAME), "r") as f:
-        return list(json.load(f)["classes"])
+    stats = read_json(join(shards.rstrip("/"), STATS_NAME))
+    if not isinstance(stats, dict) or not isinstance(stats.get("classes"), list):
+        raise ValueError(f"{join(shards.rstrip('/'), STATS_NAME)}: holds no class list")
+    return list(stats["classes"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scn_scale.noise", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m scn_scale.noise", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", required=True, help="shard set directory or URL (its manifest is read)")
     parser.add_argument("--rate", type=float, required=True, help="share of samples to corrupt, e.g. 0.3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="override table to write (parquet)")
+    add_log_level(parser)
     args = parser.parse_args(argv)
-
-    classes = _read_classes(args.shards)
-    manifest = read_manifest(args.shards, columns=["key", "label"]).to_pydict()
-    table = make_noise(manifest["key"], manifest["label"], len(classes), args.rate, args.seed)
-    save_overrides(table, args.out)
+    configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
+    try:
+        if not 0.0 <= args.rate <= 1.0:
+            raise ValueError(f"--rate must be in [0, 1], got {args.rate}")
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a directory; name the parquet file to write")
+        classes = _read_classes(args.shards)
+        manifest = read_manifest(args.shards, columns=["key", "label"]).to_pydict()
+        table = make_noise(manifest["key"], manifest["label"], len(classes), args.rate, args.seed)
+        save_overrides(table, args.out)
+    except (ValueError, OSError) as exc:  # each names the flag or the file
+        return bad_input(exc)
 
     per_class = Counter(table.column("true_label").to_pylist())
     print(f"{table.num_rows} of {len(manifest['key'])} labels changed (rate {args.rate}, seed {args.seed}) -> {args.out}")

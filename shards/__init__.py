@@ -17,6 +17,8 @@ _EXPORTS = {
     "index_map": "shards.classes",
     "validate_classes": "shards.classes",
     "read_manifest": "shards.manifest",
+    "OutputLock": "shards.lock",
+    "OutputLocked": "shards.lock",
     "ShardSet": "shards.reader",
     "ShardSetError": "shards.reader",
     "ShardStream": "shards.reader",

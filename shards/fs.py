@@ -6,6 +6,9 @@ directory; fsspec gives both one interface.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import fsspec
 
 
@@ -22,3 +25,14 @@ def join(root: str, name: str) -> str:
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A URL that `fsspec.open` reads again, on any node."""
     return fs.unstrip_protocol(path)
+
+
+def read_json(url: str) -> Any:
+    """A JSON file (local path or URL); one that is not UTF-8 JSON is a ValueError naming it (a missing one,
+    FileNotFoundError), so a command can report a corrupt `stats.json` as that file and not as a parser's position."""
+    fs, path = open_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise ValueError(f"{url}: not a readable JSON file ({exc})") from exc

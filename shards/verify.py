@@ -9,7 +9,6 @@ is class-sorted.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -19,10 +18,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
+from shards.fs import read_json
 from shards.manifest import MANIFEST_NAME
 from shards.mixing import LOADER_WORKERS, Mixing, describe, measure
 from shards.reader import open_shard_set
@@ -114,18 +116,37 @@ def _disagreements(checked: Checked, row: dict, shard: str) -> list[str]:
     return [f"{name} {row[name]!r} (the sample's: {value!r})" for name, value in found.items() if row[name] != value]
 
 
+def _set_files(root: Path) -> tuple[list[str], dict[str, int], list[dict]]:
+    """The class list, shard sizes and manifest rows; ValueError naming the file that cannot be read as one.
+
+    Without them nothing can be checked, so they are errors of the input, not faults of the set.
+    """
+    stats, sizes = read_json(str(root / STATS_NAME)), read_json(str(root / SIZES_NAME))
+    if not isinstance(stats, dict) or not isinstance(stats.get("classes"), list):
+        raise ValueError(f"{root / STATS_NAME}: holds no class list")
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) for n in sizes.values()):
+        raise ValueError(f"{root / SIZES_NAME}: is not a mapping of shard names to sample counts")
+    columns = ["key", "shard", "label", "split", "sha256", "width", "height"]
+    try:
+        manifest = pq.read_table(root / MANIFEST_NAME, columns=columns).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{root / MANIFEST_NAME}: not a readable manifest ({exc})") from exc
+    return stats["classes"], sizes, manifest
+
+
 def verify(root: str | Path) -> Report:
+    """Check the set at the directory `root`; its faults are in the report. ValueError when `root` is no
+    directory or a set-level file (stats, sizes, manifest) cannot be read at all."""
     root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such directory")
     report = Report()
     for name in (STATS_NAME, SIZES_NAME, MANIFEST_NAME):
         if not (root / name).exists():
             report.faults.append(f"{root}: {name} is missing")
     if report.faults:
         return report
-    classes = json.loads((root / STATS_NAME).read_text())["classes"]
-    sizes: dict[str, int] = json.loads((root / SIZES_NAME).read_text())
-    columns = ["key", "shard", "label", "split", "sha256", "width", "height"]
-    manifest = pq.read_table(root / MANIFEST_NAME, columns=columns).to_pylist()
+    classes, sizes, manifest = _set_files(root)
     by_key = {row["key"]: row for row in manifest}
     seen: dict[str, str] = {}
     tars = sorted(p.name for p in root.glob("*.tar"))
@@ -176,10 +197,16 @@ def _table(title: str, counts: Counter) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shards.verify", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m shards.verify", description=__doc__.splitlines()[0],
+                            epilog="Exit status 0 for a sound set, 1 when it has faults, 2 when it cannot be read as one.")
     parser.add_argument("dir", help="shard set directory")
+    add_log_level(parser, default="WARNING")
     args = parser.parse_args(argv)
-    report = verify(args.dir)
+    configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
+    try:
+        report = verify(args.dir)
+    except ValueError as exc:  # ShardSetError too
+        return bad_input(exc)
     print(_table("class", report.per_class))
     print(_table("split", report.per_split))
     print(f"{report.samples} samples checked")

@@ -26,6 +26,7 @@ from PIL import Image
 
 from shards import atomic
 from shards.classes import validate_classes
+from shards.lock import OutputLock
 from shards.manifest import MANIFEST_NAME, SCHEMA, manifest_row, rows_to_table
 from shards.sample import SCHEMA_VERSION, Sample
 
@@ -66,6 +67,11 @@ class ShardWriter:
     set-level files (`manifest.parquet`, `sizes.json`, `stats.json`). A producer that
     writes in a seeded random order passes its `shuffle_seed`, recorded in `stats.json`
     (null: the producer's own order), so whoever reads the set knows how it was mixed.
+
+    The writer holds the directory's lock (`shards.lock`) from before it touches anything
+    until it closes, so a second writer is refused (OutputLocked) before it can delete or
+    renumber this one's work. A caller that already holds the lock (a crawl, an import
+    into one set) passes it as `lock`; the writer then leaves releasing it to the caller.
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class ShardWriter:
         max_samples: int = 1000,
         max_bytes: int = 256 * 1024 * 1024,
         shuffle_seed: int | None = None,
+        lock: OutputLock | None = None,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
@@ -87,10 +94,17 @@ class ShardWriter:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.shuffle_seed = shuffle_seed
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._check_classes()
-        self._discard_unfinished()
-        self._known: dict[str, str] = self._finished_keys()
+        if lock is not None and not lock.covers(self.out_dir):
+            raise ValueError(f"the lock given for {self.out_dir} is not held, or is another directory's")
+        self._own_lock = lock is None
+        self._lock = OutputLock(self.out_dir).acquire() if lock is None else lock
+        try:
+            self._check_classes()
+            self._discard_unfinished()
+            self._known: dict[str, str] = self._finished_keys()
+        except BaseException:
+            self._release_lock()
+            raise
         self._next_index = 1 + max((self._index(s) for s in self.finished_shards()), default=-1)
         self._tar: wds.TarWriter | None = None
         self._tar_file: Any = None
@@ -213,8 +227,15 @@ class ShardWriter:
         self._next_index += 1
 
     def close(self) -> None:
-        self._finish_shard()
-        finalize(self.out_dir, self.classes, self.prefix, self.shuffle_seed)
+        try:
+            self._finish_shard()
+            finalize(self.out_dir, self.classes, self.prefix, self.shuffle_seed)
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._own_lock and self._lock.held:
+            self._lock.release()
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -92,7 +92,10 @@ def local_ray():
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
         env.setenv("GLOO_SOCKET_IFNAME", "lo")
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2")
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner queries every
+        # second; without it each query logs "Failed to query Ray Train Controller actor state".
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.2")
         try:
             yield ray.get_runtime_context().gcs_address
         finally:
@@ -135,7 +138,7 @@ def s3() -> Iterator[S3]:
 
 @pytest.fixture(scope="module")
 def one_rank(_one_rank_group):
-    """A one-process group, set up the way DeepSpeed expects outside Ray (distributed_notes.md).
+    """A one-process group, set up the way DeepSpeed expects outside Ray (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     The rank variables are set for the using module only: left in the environment they would
     reach the tests that start real multi-process groups and Ray clusters.

@@ -36,6 +36,7 @@ class RayCluster:
     address: str  # GCS address, for RAY_ADDRESS / --ray-address
     dashboard_url: str  # for `ray job submit --address`
     env: dict[str, str]  # the environment every client of this cluster needs
+    nodes: list[subprocess.Popen]  # each node's `ray start --block`, the head first: a process group each
 
 
 def free_ports(n: int) -> list[int]:
@@ -115,7 +116,7 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1, extra_env: dict[str, str
         procs.append(proc)
         for i in range(1, nodes):
             procs.append(_start_node(i, address, cpus_per_node, temp, env)[0])
-        yield RayCluster(address=address, dashboard_url=f"http://127.0.0.1:{dash}", env=env)
+        yield RayCluster(address=address, dashboard_url=f"http://127.0.0.1:{dash}", env=env, nodes=procs)
     finally:
         for proc in reversed(procs):
             _stop(proc)

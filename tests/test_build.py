@@ -135,7 +135,7 @@ class CountingImages:
 
 def crawl_argv(url_list: Path, out: Path, *extra: str) -> list[str]:
     return ["--provider", "urllist", "--input", str(url_list), "--out", str(out), "--faces", "none",
-            "--allow-host", "127.0.0.1", "--work-shard-size", "10", "--max-shard-samples", "8", "--no-progress",
+            "--allow-host", "127.0.0.1", "--work-shard-size", "10", "--shard-size", "8", "--no-progress",
             "--set", "fetch.concurrency=2", "--set", "fetch.per_host_rate=0", *extra]
 
 
@@ -225,6 +225,16 @@ def test_settings_from_file_flags_and_set(tmp_path: Path) -> None:
         build.override(cfg, "fetch.timeout_s", "soon")
 
 
+def test_old_flag_spellings_still_work() -> None:
+    """--crop-size and --max-shard-samples, the spellings before the commands agreed on --image-size and --shard-size."""
+    def config(*flags: str) -> build.CrawlConfig:
+        return build.config_from_args(build.parser().parse_args(["--provider", "urllist", "--out", "o", *flags]))
+
+    old = config("--crop-size", "224", "--max-shard-samples", "5")
+    assert old == config("--image-size", "224", "--shard-size", "5")
+    assert old.pipeline.faces.crop_size == 224 and old.max_shard_samples == 5
+
+
 def test_exit_status_for_a_crawl_that_cannot_run(tmp_path: Path, queries: Path, capsys) -> None:
     out = str(tmp_path / "out")
     assert build.main(["--provider", "nosuch", "--out", out]) == 2
@@ -266,7 +276,7 @@ def test_one_machine_and_two_node_ray_write_the_same_keys(corpus: Path, queries:
     with LocalWeb(corpus, settings) as local_web:
         common = ["--queries", str(queries), "--provider", "localweb", "--api-base", local_web.base_url,
                   "--faces", "mtcnn", "--allow-host", "127.0.0.1", "--conflicts", "first", "--work-shard-size", "4",
-                  "--max-shard-samples", "5", "--no-progress", "--set", "fetch.timeout_s=10"]
+                  "--shard-size", "5", "--no-progress", "--set", "fetch.timeout_s=10"]
         for name, extra in (("local", ["--workers", "2"]), ("ray", ["--ray-address", address])):
             result = subprocess.run([sys.executable, "-m", "crawler.build", *common, "--out", str(outs[name]), *extra],
                                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -150,6 +150,19 @@ def test_deepspeed_files_load_with_weights_only(saved, tmp_path: Path) -> None:
     optim = next((bad / checkpoint.DEEPSPEED_DIR).glob("*/*optim_states.pt"))
     state = torch.load(optim, weights_only=False)  # our own file, as written a moment ago
     torch.save({**state, "extra": _Planted(planted)}, optim)
-    with pytest.raises(checkpoint.CheckpointError, match="holds more than tensors"):
+    with pytest.raises(checkpoint.CheckpointError, match="holds a Python object"):
         checkpoint.load(str(bad), engine, world_size=1)
     assert not planted.exists()
+
+
+def test_temp_files_a_kill_left_anywhere_in_a_run_are_removed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / checkpoint.checkpoint_dir_name(1) / checkpoint.DEEPSPEED_DIR).mkdir(parents=True)
+    left = [run / ".metrics.jsonl.x1.tmp", run / checkpoint.checkpoint_dir_name(1) / ".state.json.x2.tmp",
+            run / checkpoint.checkpoint_dir_name(1) / checkpoint.DEEPSPEED_DIR / ".latest.x3.tmp"]
+    kept = [run / checkpoint.METRICS_FILE, run / checkpoint.checkpoint_dir_name(1) / checkpoint.STATE_FILE]
+    for path in left + kept:
+        path.write_text("x")
+    assert sorted(checkpoint.remove_temp_files(str(run))) == sorted(map(str, left))
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert checkpoint.remove_temp_files(str(tmp_path / "no-run-yet")) == []

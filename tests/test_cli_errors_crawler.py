@@ -1,49 +1,21 @@
 """Every crawler command reports bad input as one line, `error: ...`, exit status 2, and changes nothing.
 
-Each row runs a real entry point in a subprocess (what a user sees, with logging set up
-as the command sets it up): `(id, argv, setup)`, where `setup(tmp)` writes the inputs
-the row needs and returns values for the argv's `{placeholders}` (`{tmp}` is always
-there). The whole temporary directory, inputs and `--out` included, must be the same
-after the command as before it.
+Rows `(id, argv, setup)` as tests/cli_errors.py runs them (the first of each command in a subprocess),
+the whole temporary directory unchanged afterwards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
-Setup = Callable[[Path], dict[str, Any]]
-
-
-def files(contents: dict[str, str | bytes]) -> Setup:
-    """A setup writing files under tmp (relative path -> text or bytes)."""
-
-    def setup(tmp: Path) -> dict[str, Any]:
-        for name, content in contents.items():
-            path = tmp / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        return {}
-
-    return setup
-
-
-def nothing(tmp: Path) -> dict[str, Any]:
-    return {}
-
-
-def config_dir(tmp: Path) -> dict[str, Any]:
-    (tmp / "conf.d").mkdir()
-    return {}
+from tests.cli_errors import REPO, Setup, assert_one_line_error, config_dir, files, nothing, params
 
 
 def corpus(tmp: Path) -> dict[str, Any]:
@@ -112,8 +84,8 @@ CASES: list[tuple[str, list[str], Setup]] = [
     ("localweb-port-in-use", ["crawler.localweb", "--corpus", "{tmp}/corpus", "--port", "{port}"], port_in_use),
     # crawler.synthetic
     ("synthetic-per-class-zero", [*SYNTHETIC, "--per-class", "0"], nothing),
-    ("synthetic-size-huge", [*SYNTHETIC, "--size", "100000"], nothing),
-    ("synthetic-size-not-an-int", [*SYNTHETIC, "--size", "big"], nothing),
+    ("synthetic-image-size-huge", [*SYNTHETIC, "--image-size", "100000"], nothing),
+    ("synthetic-image-size-not-an-int", [*SYNTHETIC, "--image-size", "big"], nothing),
     ("synthetic-unknown-class", [*SYNTHETIC, "--classes", "joy"], nothing),
     ("synthetic-seed-negative", [*SYNTHETIC, "--seed", "-1"], nothing),
     ("synthetic-rafdb-test-fraction", [*SYNTHETIC, "--layout", "rafdb", "--test-fraction", "0"], nothing),
@@ -121,28 +93,10 @@ CASES: list[tuple[str, list[str], Setup]] = [
 ]
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, str] | None]:
-    """Every path under `root`: a file's size and sha256, None for a directory."""
-    return {str(path.relative_to(root)): None if path.is_dir() else
-            (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
-            for path in sorted(root.rglob("*"))}
-
-
-@pytest.mark.parametrize("argv, setup", [pytest.param(argv, setup, id=name) for name, argv, setup in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(argv: list[str], setup: Setup, tmp_path: Path) -> None:
-    values = setup(tmp_path)
-    try:
-        before = snapshot(tmp_path)
-        command = [sys.executable, "-m", *(arg.format(tmp=tmp_path, **values) for arg in argv)]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    finally:
-        for value in values.values():
-            if isinstance(value, socket.socket):
-                value.close()
-    lines = done.stderr.splitlines()
-    assert done.returncode == 2, done.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert snapshot(tmp_path) == before
+@pytest.mark.parametrize("argv, setup, in_subprocess", params(CASES, in_subprocess=()))
+def test_bad_input_is_one_line_and_changes_nothing(argv: list[str], setup: Setup, in_subprocess: bool,
+                                                   tmp_path: Path) -> None:
+    assert_one_line_error(argv, setup, tmp_path, in_subprocess)
 
 
 def test_debug_log_level_shows_the_traceback(tmp_path: Path) -> None:

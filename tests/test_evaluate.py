@@ -19,11 +19,11 @@ from PIL import Image
 
 from scn_scale.data import eval_transform
 from scn_scale.checkpoint import CheckpointError
-from scn_scale.evaluate import EvalConfig, evaluate, find_model_file
+from scn_scale.evaluate import EvalConfig, Workers, evaluate, find_model_file, predict_set
 from scn_scale.model import SCNModel
 from scn_scale.noise import make_noise, save_overrides
 from scn_scale.weights import save_model_file
-from shards import BASIC7, CANONICAL, read_manifest
+from shards import BASIC7, CANONICAL, open_shard_set, read_manifest
 from tests.conftest import write_shard_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +120,19 @@ def test_report_recounts_and_matches_the_model(tmp_path: Path) -> None:
     for key, pred, alpha in zip(counted["keys"], counted["preds"], counted["alpha"]):
         assert pred == reference[key][0]
         assert alpha == pytest.approx(reference[key][1], abs=1e-5)
+
+
+def test_a_bar_over_the_batches_on_a_terminal_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_shard_set(tmp_path / "set", [4, 4], classes=BASIC7, size=SIZE)
+    cfg = EvalConfig(checkpoint="", shards=str(tmp_path / "set"), out="", batch_size=4, loader_workers=0)
+    model, shard_set, one = SCNModel(len(BASIC7)).eval(), open_shard_set(cfg.shards), Workers(0, 1, False)
+    assert len(predict_set(model, shard_set, cfg, SIZE, one, torch.device("cpu"))) == 8
+    assert capsys.readouterr().err == ""  # stderr is no terminal here (nor in logs, nor under Ray): no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    predict_set(model, shard_set, cfg, SIZE, one, torch.device("cpu"))
+    assert "evaluate" in capsys.readouterr().err
 
 
 def test_set_classes_the_model_lacks_are_left_out_and_noisy_alpha_split(tmp_path: Path) -> None:

@@ -271,7 +271,7 @@ def test_hostile_crawl(servers, tmp_path: Path, capsys) -> None:
         "fetch.retry_after_max_s=5", "fetch.max_bytes=262144", "fetch.per_host_rate=0", "fetch.max_redirects=3",
     ]
     argv = ["--provider", "urllist", "--input", str(url_list), "--out", str(out), "--faces", "none",
-            "--allow-host", "127.0.0.1", "--workers", "0", "--work-shard-size", "8", "--max-shard-samples", "4",
+            "--allow-host", "127.0.0.1", "--workers", "0", "--work-shard-size", "8", "--shard-size", "4",
             "--no-progress"]
     for item in settings:
         argv += ["--set", item]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -86,6 +87,43 @@ def test_predict_aligned_crops_go_straight_in(tmp_path: Path, checkpoint, capsys
         assert row["face"] is None and row["label"] == BASIC7[int(probs.argmax())]
         assert [row["probs"][c] for c in BASIC7] == pytest.approx(probs.tolist(), abs=1e-6)
         assert row["alpha"] == pytest.approx(float(out.alpha[0]), abs=1e-6)
+
+
+def test_predict_shows_its_bar_on_stderr_and_on_a_terminal_only(
+    tmp_path: Path, checkpoint, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, _ = checkpoint
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in paths:
+        Image.new("RGB", (40, 40), (90, 60, 30)).save(path)
+    argv = ["--checkpoint", str(directory), "--faces", "none", "--json", *map(str, paths)]
+    assert predict.main(argv) == 0
+    assert capsys.readouterr().err == ""  # stderr is no terminal here: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert predict.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in out.splitlines()] == list(map(str, paths))
+    assert "2/2" in err
+
+
+def test_predict_searches_directories_and_skips_an_unreadable_file(
+    tmp_path: Path, checkpoint, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory, _ = checkpoint
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    good = [photos / "a.png", photos / "sub" / "b.jpg"]
+    for i, path in enumerate(good):
+        Image.new("RGB", (40, 40), (60 * i, 90, 30)).save(path)
+    (photos / "sub" / "broken.jpg").write_bytes(b"not an image")
+    (photos / "notes.txt").write_text("not looked at: no image suffix")
+    missing = tmp_path / "missing.png"
+    code = predict.main(["--checkpoint", str(directory), "--faces", "none", "--json", str(photos), str(missing)])
+    assert code == 1  # some files skipped
+    assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == list(map(str, good))
+    assert f"{photos / 'sub' / 'broken.jpg'}: skipped, not a readable image" in caplog.text
+    assert f"{missing}: skipped, not a readable image" in caplog.text
+    assert "2 of 4 files skipped" in caplog.text
 
 
 def test_predict_raw_photo_goes_through_the_face_stage(

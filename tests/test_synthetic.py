@@ -103,10 +103,17 @@ def test_bad_config_fails_before_writing(tmp_path: Path, kwargs: dict) -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["--out", str(tmp_path), "--per-class", "2", "--classes", "neutral,contempt", "--size", "40",
+    assert main(["--out", str(tmp_path), "--per-class", "2", "--classes", "neutral,contempt", "--image-size", "40",
                  "--identities", "3", "--seed", "4"]) == 0
     assert len(list(tmp_path.glob("contempt/*.jpg"))) == 2
     assert "4 images" in capsys.readouterr().out
+
+
+def test_cli_takes_the_old_size_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--size, the spelling before the commands agreed on --image-size, still works."""
+    assert main(["--out", str(tmp_path), "--per-class", "1", "--classes", "neutral", "--size", "24",
+                 "--identities", "1"]) == 0
+    assert "(folder, 24 px)" in capsys.readouterr().out
 
 
 def test_generate_face_contract() -> None:

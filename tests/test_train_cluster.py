@@ -26,6 +26,7 @@ from scn_scale.relabel_table import RelabelTable
 from scn_scale.train import main as train_main
 from scn_scale.weights import load_model_file, load_weights
 from shards import read_manifest
+from shards.cli import set_flags
 from ray_cluster import ray_cluster
 from tests.conftest import S3, write_shard_set
 
@@ -57,10 +58,11 @@ def test_ray_job_submit_two_nodes_zero2(cluster: tuple[str, dict], s3: S3, tmp_p
     cmd = [
         RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env", "cluster/runtime-env.yaml",
         "--submission-id", run_name, "--",
-        sys.executable, "-m", "scn_scale.train", "--config", "cluster/configs/cpu-small.yaml",
-        f"train_shards={data}/train", f"val_shards={data}/val", f"label_overrides={data}/noise.parquet",
-        f"out_dir={out_dir}", f"run_name={run_name}", "num_workers=2", "deepspeed=cluster/deepspeed/zero2-cpu.json",
-        "image_size=32", "batch_size=8", "epochs=2", "scn.relabel_epoch=1",
+        sys.executable, "-m", "scn_scale.train", "--config", "cluster/configs/cpu-small.yaml", *set_flags([
+            f"train_shards={data}/train", f"val_shards={data}/val", f"label_overrides={data}/noise.parquet",
+            f"out_dir={out_dir}", f"run_name={run_name}", "num_workers=2", "deepspeed=cluster/deepspeed/zero2-cpu.json",
+            "image_size=32", "batch_size=8", "epochs=2", "scn.relabel_epoch=1",
+        ]),
     ]
     job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     output = job.stdout + job.stderr
@@ -95,5 +97,5 @@ def test_ray_job_submit_two_nodes_zero2(cluster: tuple[str, dict], s3: S3, tmp_p
     loaded = load_weights(build_model(ModelConfig(), len(CLASSES)), f"{last}/{checkpoint.MODEL_FILE}", CLASSES)
     assert not loaded.missing and not loaded.mismatched
     monkeypatch.chdir(REPO)  # the job's relative config paths
-    assert train_main([*cmd[cmd.index("--config"):], "seed=1"]) == 2
+    assert train_main([*cmd[cmd.index("--config"):], "--set", "seed=1"]) == 2
     assert "trained with seed=0; this start asks for seed=1" in capsys.readouterr().err

@@ -9,8 +9,6 @@ and saved as `import_summary.json` in `--out`.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import Sequence
 
 from scn_scale.importers import (
@@ -23,14 +21,16 @@ from scn_scale.importers import (
     import_rafdb,
 )
 from scn_scale.importers.common import parse_classes
+from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
+from shards.lock import OutputLocked
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m scn_scale.importers",
         description="Import a public FER benchmark (one shard set per split) or an image tree (one set).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output directory")
     common.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--allow-missing", action="store_true", help="drop and count listed images that are missing or unreadable"
     )
+    add_log_level(common)
 
     rafdb = sub.add_parser("rafdb", parents=[common], help="RAF-DB basic: EmoLabel/ + Image/aligned/")
     rafdb.add_argument("--root", required=True, help="the RAF-DB basic folder")
@@ -74,9 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
     options = ImportOptions(shard_size=args.shard_size, shuffle_seed=args.shuffle_seed, allow_missing=args.allow_missing)
     try:
+        if options.shard_size < 1:
+            raise ImporterError(f"--shard-size must be positive, got {options.shard_size}")
         if args.command == "rafdb":
             summary = import_rafdb(args.root, args.out, args.noisy_labels, options)
         elif args.command == "ferplus":
@@ -89,9 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary = import_imagefolder(args.root, args.out, args.split, classes, args.dataset, options)
             else:
                 summary = import_csv(args.list, args.out, args.root, args.split, classes, args.dataset, options)
-    except ImporterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ImporterError, OutputLocked) as exc:  # OutputLocked: another import writes --out
+        return bad_input(exc)
     print(summary.table())
     return 0
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from shards import BASIC7, CANONICAL, Sample, ShardWriter, key_from_source, validate_classes
 from shards.atomic import write_json
+from shards.lock import OutputLock
 from shards.writer import STATS_NAME
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,10 @@ class SplitWriters:
 
     `per_split=True` writes split `s` to `out/s` (benchmark importers); otherwise every
     sample goes to `out` itself (single-set importers). An output that already holds a
-    shard set is refused: importing twice into one set would mix two imports.
+    shard set is refused: importing twice into one set would mix two imports. The import
+    holds the lock of `out` (`shards.lock`) from its first check to its close, so a second
+    import into the same `out` is refused however far the first has got; nothing is
+    created in `out` before that first check, which follows the importer's input checks.
     """
 
     def __init__(
@@ -177,12 +181,17 @@ class SplitWriters:
         self.per_split = per_split
         self._writers: dict[str, ShardWriter] = {}
         self.classes = validate_classes(summary.classes)
+        self.lock = OutputLock(self.out)
 
     def directory(self, split: str) -> Path:
         return self.out / split if self.per_split else self.out
 
     def check_fresh(self, splits: Iterable[str]) -> None:
-        """Refuse before any work when an output set already exists."""
+        """Take the output's lock, then refuse before any work when an output set already exists."""
+        if not self.lock.held:
+            if self.out.exists() and not self.out.is_dir():
+                raise ImporterError(f"{self.out}: exists and is not a directory (--out)")
+            self.lock.acquire()
         for split in splits:
             if (self.directory(split) / STATS_NAME).exists():
                 raise ImporterError(
@@ -197,7 +206,7 @@ class SplitWriters:
             self.check_fresh([split])
             writer = ShardWriter(
                 self.directory(split), self.classes, max_samples=self.options.shard_size,
-                shuffle_seed=self.options.shuffle_seed,
+                shuffle_seed=self.options.shuffle_seed, lock=None if self.per_split else self.lock,
             )
             self._writers[split] = writer
             self.summary.outputs[split] = str(self.directory(split))
@@ -225,12 +234,16 @@ class SplitWriters:
 
     def close(self, write_summary: bool = True) -> None:
         """Finish every set; the summary file is written only for an import that ran to the end."""
-        for writer in self._writers.values():
-            writer.close()
-        for split in self.summary.counts:
-            self.summary.counts[split] = Counter({c: self.summary.counts[split][c] for c in self.classes})
-        if write_summary:
-            write_json(self.out / SUMMARY_NAME, self.summary.to_dict())
+        try:
+            for writer in self._writers.values():
+                writer.close()
+            for split in self.summary.counts:
+                self.summary.counts[split] = Counter({c: self.summary.counts[split][c] for c in self.classes})
+            if write_summary:
+                write_json(self.out / SUMMARY_NAME, self.summary.to_dict())
+        finally:
+            if self.lock.held:
+                self.lock.release()
 
     def __enter__(self) -> "SplitWriters":
         return self

@@ -130,6 +130,6 @@ def _write_overrides(path: Path, truth: dict[str, str], out: Path, summary: Impo
     summary.notes.append(
         f"{path}: {len(rows['key'])} of {len(lines)} train labels differ from the ground truth ({share:.1%}) "
         f"-> {target} "
-        "(train with label_overrides=<that file>)"
+        "(train with --set label_overrides=<that file>)"
     )
     return target
