@@ -1,7 +1,8 @@
-"""Duplicate removal: exact copies by sha256 of the fetched bytes, near copies by pHash of the crop.
+"""Duplicate removal: exact copies by sha256 of the fetched bytes, near copies by pHash of the crop
+(`shards.phash`, which shards.split uses too).
 
 The same photo is reposted, re-encoded, resized and mirrored all over the web. Measured
-on aligned crops (crawler_notes.md): re-encoding, downscaling, blur and greyscale give
+on aligned crops: re-encoding, downscaling, blur and greyscale give
 pHash distance 0, a 10% crop 14, a mirror 32, two different people 24; so a face is a
 near copy when its crop's 64-bit pHash, or its mirror's, is within `max_distance`
 (default 8) of a face already kept.
@@ -20,10 +21,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-
-import numpy as np
-
-from PIL import Image, ImageOps
 
 BITS = 64
 
@@ -47,35 +44,6 @@ class DedupeConfig:
                 f"{self.max_distance // self.bands} bits per band; use more bands (at least {self.max_distance // 3})"
             )
         return self
-
-
-def _imagehash():
-    try:
-        import imagehash
-    except ImportError as exc:
-        raise ImportError(f"near-duplicate removal needs imagehash: pip install ImageHash ({exc})") from exc
-    return imagehash
-
-
-def _bits(value) -> int:
-    """An imagehash hash as an int, bits read row by row, most significant first (as its hex string)."""
-    return int.from_bytes(np.packbits(value.hash.reshape(-1)).tobytes(), "big")
-
-
-def phash(image: Image.Image) -> int:
-    """The 64-bit perceptual hash (DCT of the 32x32 grey image, 8x8 low frequencies) as an int."""
-    return _bits(_imagehash().phash(image, hash_size=8))
-
-
-def hashes(crop: Image.Image) -> tuple[int, int]:
-    """pHash of the crop and of its mirror image.
-
-    Both come from one 32x32 grey thumbnail (imagehash's own first step), the mirror's
-    by flipping the thumbnail: mirroring commutes with the resize, and it halves the cost.
-    """
-    thumb = crop.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-    ih = _imagehash()
-    return _bits(ih.phash(thumb, hash_size=8)), _bits(ih.phash(ImageOps.mirror(thumb), hash_size=8))
 
 
 def hex64(value: int) -> str:

@@ -41,10 +41,11 @@ from typing import Any, Iterable, Literal, Sequence
 import pyarrow as pa
 
 from crawler.decode import DecodeConfig, Decoder
-from crawler.dedupe import DedupeConfig, Deduper, hashes, hex64
+from crawler.dedupe import DedupeConfig, Deduper, hex64
 from crawler.faces import FaceConfig, FaceResult, FaceStage
 from crawler.fetch import Fetcher, FetchConfig
 from crawler.frames import FrameConfig, sample_frames
+from shards.phash import hashes
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ FETCH_OK = "ok"
 SKIPPED = ("conflict_skipped", "bad_label")
 DECODE_FAILURES = ("not_image", "truncated", "too_many_pixels", "decompression_bomb", "decode_error",
                    "not_video", "no_video_stream", "frame_too_large", "video_error")
+
+#: Side (px) and JPEG quality of the thumbnail each face keeps after the crawl drops its crop.
+THUMBNAIL_SIDE = 64
+THUMBNAIL_QUALITY = 80
 
 STATUS_SCHEMA = pa.schema(
     [
@@ -88,6 +93,7 @@ FACE_SCHEMA = pa.schema(
         ("candidate_id", pa.string()),
         ("label", pa.string()),
         ("image", pa.binary()),
+        ("thumbnail", pa.binary()),  # THUMBNAIL_SIDE px JPEG: outlives `image`, which the crawl drops once committed
         ("meta", pa.string()),
         ("sha256", pa.string()),
         ("phash", pa.string()),
@@ -234,6 +240,17 @@ def _encode(crop, quality: int) -> bytes:
     buf = io.BytesIO()
     crop.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def _thumbnail(crop) -> bytes:
+    """A small JPEG of the crop, about 1 KB: what a report shows of a face the dedupe dropped.
+
+    Whether a face is a duplicate of another work shard's face is decided only at commit, and
+    the crawl then removes every crop from its work files, so each face keeps its thumbnail.
+    """
+    thumb = crop.copy()
+    thumb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    return _encode(thumb, THUMBNAIL_QUALITY)
 
 
 def process_work_shard(index: int, candidates: Sequence[dict[str, Any]], config: PipelineConfig) -> WorkShardOutput:
@@ -386,6 +403,7 @@ def _face_rows(result: FaceResult, config: PipelineConfig, scale: float, width: 
             "face": i,
             "faces_in_image": len(result.faces),
             "image": _encode(face.crop, config.jpeg_quality),
+            "thumbnail": _thumbnail(face.crop),
             "phash": hex64(ph),
             "phash_mirror": hex64(ph_mirror),
             "meta": {
@@ -467,7 +485,8 @@ class Committer:
 def _dropped(row: dict[str, Any], reason: str | None, of: str | None, distance: int | None, index: int,
              where: str) -> dict[str, Any]:
     return {"key": row["key"], "candidate_id": row["candidate_id"], "label": row["label"], "reason": reason,
-            "duplicate_of": of, "distance": distance, "work_shard": index, "stage": where}
+            "duplicate_of": of, "distance": distance, "work_shard": index, "stage": where,
+            "thumbnail": row.get("thumbnail")}  # work files written before thumbnails were kept have none
 
 
 DROPPED_SCHEMA = pa.schema(
@@ -480,6 +499,7 @@ DROPPED_SCHEMA = pa.schema(
         ("distance", pa.int32()),
         ("work_shard", pa.int32()),
         ("stage", pa.string()),
+        ("thumbnail", pa.binary()),  # the dropped face, small: its crop is not kept anywhere else
     ]
 )
 

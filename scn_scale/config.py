@@ -8,6 +8,7 @@ training, fine-tuning and evaluation. The resolved config is saved beside every 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +18,14 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 import yaml
 
 from shards.atomic import write_text
+from shards.cli import key_values, parse_yaml, read_yaml
 from shards.reader import DEFAULT_INTERLEAVE, DEFAULT_SHUFFLE_BUFFER
 
 T = TypeVar("T")
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
+#: The prefix of a named pretrained start, `init=torchvision:<backbone>` (scn_scale.weights).
+TORCHVISION_INIT = "torchvision:"
 
 
 class ConfigError(ValueError):
@@ -30,37 +34,43 @@ class ConfigError(ValueError):
 
 @dataclass
 class SCNConfig:
-    """The SCN method's hyper-parameters (Wang et al., CVPR 2020; see docs/scn_method.md)."""
+    """The SCN method's hyper-parameters (Wang et al., CVPR 2020, arXiv 2002.10392)."""
 
-    # Share of the ranked batch in the high-importance group (paper and released code).
-    beta: float = 0.7
-    # Rank-regularization margin. 0.07 is the authors' README advice for the released code
-    # at batch 64; the paper's 0.15 is at batch 1024. It depends on the batch over which
-    # alpha is ranked (see rank_scope): the per-rank batch, or the global one.
-    delta1: float = 0.07
-    # Relabel margin on p_max - p_label (paper and released code).
-    delta2: float = 0.2
-    # Loss mix. The paper writes gamma * L_RR + (1 - gamma) * L_WCE; the released code
-    # uses L_WCE + L_RR. scn_scale.loss computes 2 * (gamma * RR + (1 - gamma) * WCE), so
-    # 0.5 reproduces the released code exactly.
-    gamma: float = 0.5
-    # First epoch (1-based, as everywhere in this project) at which relabeling runs
-    # (paper and released code: 10). After the warm-up, if there is one.
-    relabel_epoch: int = 10
-    # Epochs of plain cross-entropy before SCN proper: the importance branch is held at
-    # alpha = 1 (no gradient) and the rank loss is off, so the network first fits the clean
-    # majority. A deviation from the released code, which starts from a face-recognition
-    # ResNet-18 that already separates faces; from random weights, SCN's alpha collapses
-    # towards 0 early, scales the logits and their gradients down, and relabeling then acts
-    # on a model near chance. 0 = the released code.
-    warmup_epochs: int = 0
-    # "all": every sample of the batch may be relabeled (released code); "low": only the
-    # low-importance group (paper). "all" measured better on 30% synthetic noise
-    # (83.1% vs 80.4% clean-test accuracy, docs/scn_method.md).
-    relabel_scope: Literal["all", "low"] = "all"
-    # "local": rank alpha within each rank's batch; "global": within the batch gathered
-    # from every rank (the paper ranked its batch of 1024 as one).
-    rank_scope: Literal["local", "global"] = "local"
+    beta: float = field(default=0.7, metadata={"doc": (
+        "Share of the ranked batch in the high-importance group (paper and released code)."
+    )})
+    delta1: float = field(default=0.07, metadata={"doc": (
+        "Rank-regularization margin. 0.07 is the authors' README advice for the released code at batch 64; "
+        "the paper's 0.15 is at batch 1024. It depends on the batch over which alpha is ranked (see "
+        "rank_scope): the per-rank batch, or the global one."
+    )})
+    delta2: float = field(default=0.2, metadata={"doc": (
+        "Relabel margin on p_max - p_label (paper and released code)."
+    )})
+    gamma: float = field(default=0.5, metadata={"doc": (
+        "Loss mix. The paper writes gamma * L_RR + (1 - gamma) * L_WCE; the released code uses L_WCE + L_RR. "
+        "scn_scale.loss computes 2 * (gamma * RR + (1 - gamma) * WCE), so 0.5 reproduces the released code exactly."
+    )})
+    relabel_epoch: int = field(default=10, metadata={"doc": (
+        "First epoch (1-based, as everywhere in this project) at which relabeling runs (paper and released "
+        "code: 10). After the warm-up, if there is one."
+    )})
+    warmup_epochs: int = field(default=0, metadata={"doc": (
+        "Epochs of plain cross-entropy before SCN proper: the importance branch is held at alpha = 1 (no "
+        "gradient) and the rank loss is off, so the network first fits the clean majority. A deviation from the "
+        "released code, which starts from a face-recognition ResNet-18 that already separates faces; from random "
+        "weights, SCN's alpha collapses towards 0 early, scales the logits and their gradients down, and "
+        "relabeling then acts on a model near chance (README, \"Known limits\"). 0 = the released code."
+    )})
+    relabel_scope: Literal["all", "low"] = field(default="all", metadata={"doc": (
+        "\"all\": every sample of the batch may be relabeled (released code); \"low\": only the low-importance "
+        "group (paper). \"all\" measured better on 30% synthetic noise (83.1% vs 80.4% clean-test accuracy at "
+        "the last epoch: ResNet-18 on a real 8-class image set, 20 epochs, relabeling from epoch 10)."
+    )})
+    rank_scope: Literal["local", "global"] = field(default="local", metadata={"doc": (
+        "\"local\": rank alpha within each rank's batch; \"global\": within the batch gathered from every rank "
+        "(the paper ranked its batch of 1024 as one)."
+    )})
 
     def validate(self) -> None:
         _check_types(self, "scn.")
@@ -85,10 +95,12 @@ class SCNConfig:
 
 @dataclass
 class ModelConfig:
-    # ResNet-18 as in the paper and the released code.
-    backbone: str = "resnet18"
-    # Dropout on the pooled feature; the released code's default is 0.
-    dropout: float = 0.0
+    backbone: str = field(default="resnet18", metadata={"doc": (
+        "The torchvision ResNet trunk: resnet18 (as in the paper and the released code), resnet34 or resnet50."
+    )})
+    dropout: float = field(default=0.0, metadata={"doc": (
+        "Dropout on the pooled feature; the released code's default is 0."
+    )})
 
     def validate(self) -> None:
         _check_types(self, "model.")
@@ -102,14 +114,15 @@ class ModelConfig:
 class ReaderConfig:
     """How the training reader mixes a shard set, whatever order it was written in (shards.reader)."""
 
-    # Samples each loader worker holds, undecoded, and draws from at random. Memory is this
-    # times the bytes of a sample: 5,000 x 4-30 KB (112-224 px JPEG crops) = 20-150 MB per
-    # loader worker. OpenCLIP keeps 5,000.
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
-    # Pieces of shards (runs of consecutive samples) each loader worker reads at once, round
-    # robin. A piece of a class-sorted set holds one or two classes; 16 pieces give a batch of
-    # 32 about 7 of 8 classes (tests/test_mixing.py). At most this many shards are open per worker.
-    interleave: int = DEFAULT_INTERLEAVE
+    shuffle_buffer: int = field(default=DEFAULT_SHUFFLE_BUFFER, metadata={"doc": (
+        "Samples each loader worker holds, undecoded, and draws from at random. Memory is this times the bytes "
+        "of a sample: 5,000 x 4-30 KB (112-224 px JPEG crops) = 20-150 MB per loader worker. OpenCLIP keeps 5,000."
+    )})
+    interleave: int = field(default=DEFAULT_INTERLEAVE, metadata={"doc": (
+        "Pieces of shards (runs of consecutive samples) each loader worker reads at once, round robin. A piece "
+        "of a class-sorted set holds one or two classes; 16 pieces give a batch of 32 about 7 of 8 classes "
+        "(tests/test_mixing.py). At most this many shards are open per worker."
+    )})
 
     def validate(self) -> None:
         _check_types(self, "reader.")
@@ -123,47 +136,128 @@ class ReaderConfig:
 class TrainConfig:
     """The training job (`python -m scn_scale.train`). Defaults: the released code's RAF-DB recipe."""
 
-    train_shards: str = ""
-    val_shards: str = ""
-    epochs: int = 70  # released code
-    batch_size: int = 64  # per rank; released code (one GPU)
-    image_size: int = 224  # released code resizes RAF-DB's 100x100 crops to 224
-    num_workers: int = 1  # Ray Train workers (ranks)
-    loader_workers: int = 2  # DataLoader workers per rank
-    # Ray CPUs reserved per rank, which Ray also gives torch as its thread count. On GPU nodes,
-    # reserve the rank's loader workers too, or Ray packs other work onto the cores they decode on.
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    method: Literal["scn", "baseline"] = "scn"  # baseline: plain CE, no weighting or relabeling
-    seed: int = 0
-    out_dir: str = "runs"  # storage path: a local directory or a URL
-    run_name: str = "scn"
-    init: str = ""  # weights file to start from (scn_scale.weights layouts); "" = random init
-    allow_partial_init: bool = False
-    deepspeed: str | dict = ""  # a DeepSpeed config file path or an inline dict
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # released code: Adam
-    lr: float = 1e-3  # released code
-    weight_decay: float = 1e-4  # released code
-    momentum: float = 0.9  # SGD only; the released code's SGD alternative
-    lr_decay: float = 0.9  # exponential, per epoch; released code
-    grad_accum: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
-    label_overrides: str = ""  # parquet written by scn_scale.noise
-    balanced_sampler: bool = False  # class-balanced sampling (the AffectNet recipe)
-    fail_at: str = ""  # fault injection for tests, e.g. "epoch=1,step=2,rank=1"
-    max_failures: int = 1  # Ray Train FailureConfig
-    address: str = ""  # Ray cluster address; "" = RAY_ADDRESS or a local cluster
-    scn: SCNConfig = field(default_factory=SCNConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    train_shards: str = field(default="", metadata={"doc": (
+        "The training shard set: a directory or a URL (s3://, gs://) of a set written by a crawl, an importer "
+        "or shards.split."
+    )})
+    val_shards: str = field(default="", metadata={"doc": (
+        "The validation shard set, with the training set's class list: accuracy every epoch, and the best epoch "
+        "is selected on it."
+    )})
+    epochs: int = field(default=70, metadata={"doc": "Epochs to train (released code: 70)."})
+    batch_size: int = field(default=64, metadata={"doc": "Samples per batch, per rank (released code: 64 on one GPU)."})
+    image_size: int = field(default=224, metadata={"doc": (
+        "Side of the square training input in pixels; the released code resizes RAF-DB's 100x100 crops to 224."
+    )})
+    num_workers: int = field(default=1, metadata={"doc": "Ray Train workers (ranks)."})
+    loader_workers: int = field(default=2, metadata={"doc": (
+        "DataLoader worker processes per rank (0: read in the rank itself)."
+    )})
+    cpus_per_worker: float = field(default=1.0, metadata={"doc": (
+        "Ray CPUs reserved per rank, which Ray also gives torch as its thread count. On GPU nodes, reserve the "
+        "rank's loader workers too, or Ray packs other work onto the cores they decode on."
+    )})
+    use_gpu: bool = field(default=False, metadata={"doc": "One GPU per rank (NCCL); false trains on CPUs (gloo)."})
+    method: Literal["scn", "baseline"] = field(default="scn", metadata={"doc": (
+        "scn, or baseline: plain cross-entropy on the same network, no weighting or relabeling."
+    )})
+    seed: int = field(default=0, metadata={"doc": (
+        "Seeds the model's initialization, the augmentation and every epoch's reading plan and shuffle."
+    )})
+    out_dir: str = field(default="runs", metadata={"doc": (
+        "Storage path of runs: a local directory or a URL (s3://, gs://) every node reaches."
+    )})
+    run_name: str = field(default="scn", metadata={"doc": (
+        "The run's directory under out_dir; the same name resumes that run, a new one starts a new run."
+    )})
+    init: str = field(default="", metadata={"doc": (
+        "Weights to start from: a file in a scn_scale.weights layout (an scn-scale model file or .safetensors, "
+        "a torchvision state dict, the SCN authors' MS-Celeb-1M checkpoint), or torchvision:resnet18 (any "
+        "model.backbone) for torchvision's ImageNet weights from the torch hub cache; \"\" = random init."
+    )})
+    allow_partial_init: bool = field(default=False, metadata={"doc": (
+        "Accept init weights that leave backbone tensors missing or mismatched (the load report lists them); "
+        "otherwise that is an error."
+    )})
+    deepspeed: str | dict = field(default="", metadata={"doc": (
+        "A DeepSpeed config file path (cluster/deepspeed/) or an inline dict."
+    )})
+    optimizer: Literal["adam", "adamw", "sgd"] = field(default="adam", metadata={"doc": (
+        "The client torch optimizer (released code: Adam)."
+    )})
+    lr: float = field(default=1e-3, metadata={"doc": "Learning rate at the first epoch (released code: 1e-3)."})
+    weight_decay: float = field(default=1e-4, metadata={"doc": "Weight decay (released code: 1e-4)."})
+    momentum: float = field(default=0.9, metadata={"doc": "SGD only; the released code's SGD alternative uses 0.9."})
+    lr_decay: float = field(default=0.9, metadata={"doc": (
+        "Exponential learning-rate decay, a factor per epoch (released code: 0.9)."
+    )})
+    grad_accum: int = field(default=1, metadata={"doc": (
+        "Batches whose gradients are summed before each optimizer step."
+    )})
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"doc": (
+        "fp32, or bf16 autocast (GPUs; CPUs with AVX-512 BF16); the DeepSpeed config must agree."
+    )})
+    channels_last: bool = field(default=False, metadata={"doc": (
+        "Channels-last memory format for the model and its batches (faster convolutions on recent GPUs)."
+    )})
+    label_overrides: str = field(default="", metadata={"doc": (
+        "A parquet table of key -> label written by scn_scale.noise (synthetic label noise), applied as "
+        "samples are read."
+    )})
+    balanced_sampler: bool = field(default=False, metadata={"doc": "Class-balanced sampling (the AffectNet recipe)."})
+    log_every_steps: int = field(default=50, metadata={"doc": (
+        "Steps between two reads of the step loop's running sums (loss, WCE, RR, accuracy, alpha) for the "
+        "progress bar or log line and the per-step scalars of tracking. Each read waits for the device; the loop "
+        "reads nothing else back per step, so a GPU's queue never drains in between."
+    )})
+    tracking: Literal["tensorboard", "mlflow", "none"] = field(default="tensorboard", metadata={"doc": (
+        "Where rank 0 sends the run's scalars: per step at every log_every_steps read and at each epoch's end "
+        "(step/loss, step/wce, step/rr, step/lr, step/alpha_mean, step/alpha_std, step/images_per_s: means over "
+        "rank 0's samples since the previous read) and per epoch (epoch/train_accuracy, epoch/val_accuracy, "
+        "epoch/val_mean_class_accuracy, epoch/relabels, epoch/relabels_total, ...; epoch/alpha_noisy_mean, "
+        "epoch/alpha_clean_mean, epoch/relabel_precision and epoch/relabel_recall when label_overrides records "
+        "the truth). tensorboard: event files in RUN/tensorboard/steps and RUN/tensorboard/epochs (an "
+        "object-store run gets them copied at every epoch's end); `tensorboard --logdir RUN/tensorboard`. "
+        "mlflow: an MLflow run (needs the mlflow extra), in mlflow_uri. none: metrics.jsonl only."
+    )})
+    mlflow_uri: str = field(default="", metadata={"doc": (
+        "MLflow tracking URI for tracking=mlflow (a server, or e.g. sqlite:///mlruns.db); \"\" = an SQLite "
+        "store in the run directory, RUN/mlflow.db (`mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`), "
+        "which needs a local out_dir."
+    )})
+    fail_at: str = field(default="", metadata={"doc": (
+        "Fault injection for tests, e.g. \"epoch=1,step=2,rank=1\": that rank raises at that step (1-based), "
+        "once per run; add \",how=kill\" for a SIGKILL of the worker process instead of an exception."
+    )})
+    max_failures: int = field(default=1, metadata={"doc": (
+        "Worker failures Ray Train survives by restarting from the last checkpoint (its FailureConfig)."
+    )})
+    keep_checkpoints: int = field(default=2, metadata={"doc": (
+        "Epoch checkpoints kept in the run directory besides the latest one (where a resume starts): the "
+        "keep_checkpoints best by val_accuracy, a later epoch winning a tie; the others are deleted as training "
+        "goes. So 1 keeps the best and the latest epoch. 0 keeps every epoch (each holds the DeepSpeed state of "
+        "every rank: about 200 MiB for ResNet-18 under ZeRO-2). Ray Train applies it (CheckpointConfig), so "
+        "its record of the run's checkpoints never names a deleted one and a resume finds what it lists."
+    )})
+    address: str = field(default="", metadata={"doc": (
+        "Ray cluster address (the command's --ray-address); \"\" = RAY_ADDRESS, else a new local cluster on loopback."
+    )})
+    scn: SCNConfig = field(default_factory=SCNConfig, metadata={"doc": (
+        "The SCN method's hyper-parameters (Wang et al., CVPR 2020, arXiv 2002.10392)."
+    )})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": (
+        "The network: a torchvision ResNet trunk, a linear classifier and the importance branch."
+    )})
+    reader: ReaderConfig = field(default_factory=ReaderConfig, metadata={"doc": (
+        "How the training reader mixes a shard set, whatever order it was written in (shards.reader)."
+    )})
 
     def validate(self) -> None:
         _check_types(self, "")
-        for name in ("epochs", "batch_size", "image_size", "num_workers", "grad_accum"):
+        for name in ("epochs", "batch_size", "image_size", "num_workers", "grad_accum", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("loader_workers", "max_failures"):
+        for name in ("loader_workers", "max_failures", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0.0:
@@ -178,11 +272,31 @@ class TrainConfig:
             raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         for part in filter(None, self.fail_at.split(",")):
             name, sep, value = part.partition("=")
-            if not (sep and name.strip() and value.strip().lstrip("-").isdigit()):
-                raise ConfigError(f"fail_at must be comma-separated name=integer pairs, got {self.fail_at!r}")
+            if not (sep and name.strip() and value.strip()):
+                raise ConfigError(f"fail_at must be comma-separated name=value pairs, got {self.fail_at!r}")
+        if self.tracking == "mlflow" and not self.mlflow_uri and "://" in self.out_dir:
+            raise ConfigError(f"tracking=mlflow keeps its store in the run directory, which must be local, but out_dir is "
+                              f"{self.out_dir}: set mlflow_uri (an MLflow server or database every node reaches)")
         self.scn.validate()
         self.model.validate()
         self.reader.validate()
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """This config with its local paths made absolute against the working directory.
+
+        Ray runs the workers in working directories of their own, where a path relative to
+        the directory the command ran in names nothing. URLs and named starts stay as given.
+        """
+
+        def absolute(value: str) -> str:
+            keep = not value or "://" in value or value.startswith(TORCHVISION_INIT)
+            return value if keep else os.path.abspath(value)
+
+        paths = {name: absolute(getattr(self, name)) for name in ("train_shards", "val_shards", "out_dir", "init",
+                                                                  "label_overrides")}
+        if isinstance(self.deepspeed, str):
+            paths["deepspeed"] = absolute(self.deepspeed)
+        return dataclasses.replace(self, **paths)
 
 
 def load_config(cls: type[T], path: str | None, overrides: Sequence[str]) -> T:
@@ -195,7 +309,12 @@ def load_config(cls: type[T], path: str | None, overrides: Sequence[str]) -> T:
     """
     cfg = cls()
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = read_yaml(path) or {}
+        except OSError as e:  # missing, a directory, unreadable
+            raise ConfigError(f"config file {path}: {e.strerror or e}") from e
+        except ValueError as e:  # not UTF-8, not YAML: the message names the file, line and column
+            raise ConfigError(str(e)) from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(data).__name__}")
         cfg = _update(cfg, data, "")
@@ -208,13 +327,10 @@ def load_config(cls: type[T], path: str | None, overrides: Sequence[str]) -> T:
 
 def parse_overrides(argv: Sequence[str]) -> dict[str, str]:
     """Split `key=value` items into {dotted key: value text}; a later repeat of a key wins."""
-    result: dict[str, str] = {}
-    for item in argv:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        result[key.strip()] = text
-    return result
+    try:
+        return key_values(argv, "override")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -263,15 +379,17 @@ def _override(obj: T, parts: list[str], text: str, prefix: str) -> T:
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"config key {prefix + key!r} has no sub-keys (got {prefix + '.'.join(parts)!r})")
         return dataclasses.replace(obj, **{key: _override(getattr(obj, key), parts[1:], text, f"{prefix}{key}.")})
-    value = yaml.safe_load(text) if text.strip() else None
-    if dataclasses.is_dataclass(tp):
-        return _update(obj, {key: value}, prefix)
     try:
+        value = parse_yaml(text, f"override {prefix + key}={text}") if text.strip() else None
+        if dataclasses.is_dataclass(tp):
+            return _update(obj, {key: value}, prefix)
         return dataclasses.replace(obj, **{key: _coerce(value, tp, prefix + key)})
-    except ConfigError:
-        if not _accepts_str(tp):
+    except ValueError as e:  # not YAML (ValueError), or not of the field's type (ConfigError)
+        if _accepts_str(tp):
+            return dataclasses.replace(obj, **{key: _coerce(text, tp, prefix + key)})
+        if isinstance(e, ConfigError):
             raise
-        return dataclasses.replace(obj, **{key: _coerce(text, tp, prefix + key)})
+        raise ConfigError(str(e)) from e
 
 
 def _accepts_str(tp: Any) -> bool:

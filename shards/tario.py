@@ -101,6 +101,27 @@ def name_at(stream: BinaryIO, offset: int) -> str | None:
     return f"{prefix}/{name}" if prefix else name
 
 
+def leading_sample(members: Iterator[tuple[str, bytes]], key: str) -> dict[str, bytes]:
+    """The members (extension -> bytes) at the head of `members` that belong to sample `key`.
+    Keys hold no dots, so a member's extension follows its first dot."""
+    sample: dict[str, bytes] = {}
+    for name, data in members:
+        member_key, _, ext = name.partition(".")
+        if member_key != key:
+            break
+        sample[ext] = data
+    return sample
+
+
+def members_at(stream: BinaryIO, url: str, key: str, offset: int) -> dict[str, bytes] | None:
+    """The members of the sample `key` whose first member's header starts at `offset`, or None if
+    it does not: a recorded offset is a hint that a shard rewritten since may have made wrong."""
+    name = name_at(stream, offset)
+    if name is None or name.partition(".")[0] != key:
+        return None
+    return leading_sample(iter_members(stream, url), key)
+
+
 def iter_members(stream: BinaryIO, url: str = "<stream>", skip_samples: int = 0) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each regular file, in archive order.
 

@@ -159,3 +159,17 @@ def test_generic_containers_and_optionals():
         load_config(Outer, None, ["inner.sizes=[3, x]"])
     with pytest.raises(ConfigError, match="'inner.mode' expects"):
         load_config(Outer, None, ["inner.mode=c"])
+
+
+def test_local_paths_become_absolute_and_urls_and_named_starts_stay(tmp_path, monkeypatch):
+    # Ray runs the workers in working directories of their own: a relative path would name nothing there.
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(train_shards="data/web/train", val_shards="s3://bucket/val", out_dir="runs",
+                      init="torchvision:resnet18", label_overrides="noise.parquet", deepspeed="ds.json")
+    out = cfg.with_absolute_paths()
+    assert (out.train_shards, out.val_shards, out.out_dir) == (str(tmp_path / "data/web/train"), "s3://bucket/val",
+                                                               str(tmp_path / "runs"))
+    assert (out.init, out.label_overrides, out.deepspeed) == ("torchvision:resnet18", str(tmp_path / "noise.parquet"),
+                                                              str(tmp_path / "ds.json"))
+    assert TrainConfig(deepspeed={"zero_optimization": {}}).with_absolute_paths().deepspeed == {"zero_optimization": {}}
+    assert TrainConfig().with_absolute_paths().init == ""

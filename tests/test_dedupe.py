@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFilter, ImageOps
 
-from crawler.dedupe import BandIndex, DedupeConfig, Deduper, distance, hashes, phash
+from crawler.dedupe import BandIndex, DedupeConfig, Deduper, distance
+from shards.phash import hashes, phash
 
 
 def face_like(seed: int, size: int = 112) -> Image.Image:
