@@ -7,24 +7,34 @@ not fully covered, or when nothing matches at all.
 
 Layouts:
 - "torchvision": an ImageNet state dict (`conv1.weight`, `layer1.0...`, `fc.*`); the
-  ImageNet `fc` is not the expression classifier and is left out.
+  ImageNet `fc` is not the expression classifier and is left out. `torchvision:<backbone>`
+  names torchvision's own ImageNet weights for a backbone, fetched through its weights API.
 - "msceleb": the SCN authors' face-recognition checkpoint, `{"state_dict": {...}}` with
   `module.`-prefixed torchvision names and extra layers (`module.feature.*`, `module.fc.*`)
   that the model does not have.
 - "scn-scale": this project's own model file (`save_model_file`), classes by name.
+
+Files ending in `.safetensors` hold the same things without pickle: the tensors, and this
+project's fields (backbone, classes, extra) as JSON in the header's metadata; a
+safetensors file of plain torchvision names loads in the torchvision layout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import fsspec
+import safetensors.torch
 import torch
+import torchvision
+from safetensors import SafetensorError
 from torch import Tensor
 
+from scn_scale.config import BACKBONES, TORCHVISION_INIT
 from scn_scale.model import SCNModel
 from shards.atomic import atomic_path
 
@@ -33,6 +43,9 @@ log = logging.getLogger(__name__)
 FORMAT = "scn-scale-model"
 VERSION = 1
 CLASSIFIER = ("classifier.weight", "classifier.bias")
+SAFETENSORS = ".safetensors"
+#: The safetensors metadata key holding this project's fields as JSON.
+SAFETENSORS_KEY = "scn_scale"
 
 
 class WeightLoadError(ValueError):
@@ -71,23 +84,26 @@ def save_model_file(
 ) -> None:
     """Write the plain model file: loadable with weights_only=True, without DeepSpeed or Ray.
 
-    `extra` must hold only plain types (numbers, strings, lists, dicts, tensors).
-    `tensors` replace the model's own by name (a bf16 engine's fp32 master weights).
-    Floating-point tensors are stored in fp32 whatever precision trained them.
+    A path ending in `.safetensors` gets a safetensors file (no pickle at all; `extra` must
+    then be JSON); any other path a torch.save file, whose `extra` may hold plain types
+    (numbers, strings, lists, dicts, tensors). `tensors` replace the model's own by name (a
+    bf16 engine's fp32 master weights). Floating-point tensors are stored in fp32 whatever
+    precision trained them, contiguous whatever memory format trained them.
     """
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
     state = {**model.state_dict(), **(tensors or {})}
-    obj = {
-        "format": FORMAT,
-        "version": VERSION,
-        "backbone": model.backbone_name,
-        "classes": list(classes),
-        "state_dict": {k: (v.float() if v.is_floating_point() else v).detach().cpu() for k, v in state.items()},
-        "extra": dict(extra or {}),
-    }
+    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
+    fields = {"backbone": model.backbone_name, "classes": list(classes), "extra": dict(extra or {})}
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        if str(path).endswith(SAFETENSORS):
+            try:
+                header = json.dumps({"version": VERSION, **fields})
+            except TypeError as e:
+                raise ValueError(f"{path}: a safetensors file keeps extra as JSON: {e}") from e
+            safetensors.torch.save_file(state, str(tmp), metadata={"format": FORMAT, SAFETENSORS_KEY: header})
+        else:
+            torch.save({"format": FORMAT, "version": VERSION, **fields, "state_dict": state}, tmp)
 
 
 def load_model_file(path: str) -> tuple[SCNModel, list[str], dict]:
@@ -117,6 +133,12 @@ def load_weights(
     """
     if classes is not None and len(classes) != model.num_classes:
         raise WeightLoadError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
+    named = path[len(TORCHVISION_INIT):] if path.startswith(TORCHVISION_INIT) else None
+    if named in BACKBONES and named != model.backbone_name:  # caught before a download of the wrong weights
+        raise WeightLoadError(
+            f"{path} is for backbone {named!r} but the model's is {model.backbone_name!r}: "
+            f"use {TORCHVISION_INIT}{model.backbone_name}, or set model.backbone"
+        )
     obj = _read(path)
     layout = _layout(obj, path)
     if layout == "torchvision":
@@ -191,13 +213,75 @@ def _carry_rows(
     return dict(zip(CLASSIFIER, (weight, bias)))
 
 
+def _torchvision_weights(spec: str) -> dict[str, Tensor]:
+    """torchvision's ImageNet weights for `torchvision:<backbone>`, through torchvision's weights API.
+
+    torchvision keeps them in the torch hub cache (`$TORCH_HOME/hub/checkpoints/`, named as in
+    their URL, e.g. resnet18-f37072fd.pth) and downloads them there first where there is
+    internet; a cached file is used as it is, offline. The sha256 prefix in the file name is
+    checked on download only (torch.hub), so a copied-in file is trusted as it stands.
+    """
+    name = spec[len(TORCHVISION_INIT):]
+    if name not in BACKBONES:
+        offered = ", ".join(TORCHVISION_INIT + b for b in BACKBONES)
+        raise WeightLoadError(f"{spec}: torchvision weights are offered for {offered}")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    cached = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a download with a wrong hash
+        raise WeightLoadError(
+            f"{spec}: torchvision's {weights} is not in the torch hub cache ({cached}) and could not be downloaded "
+            f"({e}); where there is no internet, copy the file there from a machine that has it"
+        ) from e
+    log.info("%s: torchvision's %s from %s", spec, weights, cached)
+    return state
+
+
+def _read_safetensors(path: str) -> dict[str, Any]:
+    """A safetensors file as `_read` returns a torch file: this project's layout when its metadata says so,
+    else a plain name -> tensor dict."""
+    with fsspec.open(path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = safetensors.torch.load(data)
+    except SafetensorError as e:
+        raise WeightLoadError(f"{path} is not a readable safetensors file: {e}") from e
+    # The format: an 8-byte little-endian header length, then the JSON header with its metadata.
+    metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    if metadata.get("format") != FORMAT:
+        return tensors
+    return {"format": FORMAT, **json.loads(metadata[SAFETENSORS_KEY]), "state_dict": tensors}
+
+
 def _read(path: str) -> Any:
-    """A weights file from a local path or a URL (s3://, gs://: runs keep their checkpoints in object storage)."""
+    """Weights from a local path or a URL (s3://, gs://: runs keep their checkpoints in object storage),
+    a safetensors file, or torchvision's own (`torchvision:<backbone>`)."""
+    if path.startswith(TORCHVISION_INIT):
+        return _torchvision_weights(path)
+    if path.endswith(SAFETENSORS):
+        return _read_safetensors(path)
     try:
         with fsspec.open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightLoadError(f"{path} cannot be loaded with weights_only=True (it holds more than tensors and plain types): {e}") from e
+    except OSError:  # missing or unreadable: its own error names the file
+        raise
+    except Exception as e:  # torch raises many types for bytes that are no torch file (IndexError among them)
+        raise WeightLoadError(load_error(path, e)) from e
+
+
+def load_error(path: str, exc: BaseException) -> str:
+    """Why `torch.load(path, weights_only=True)` failed, in words that fit the file.
+
+    torch says the same thing for a file of garbage and for a pickle naming a class it
+    does not allow ("Re-running with weights_only=False will likely succeed"), which is
+    wrong for the first and advises running the file's code for the second.
+    """
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return (f"{path} holds a Python object ({found.group(1)}) that a weights-only load does not build: "
+                "it is not a plain weights file")
+    return f"{path} is not a readable model file (not written by torch.save, or truncated or damaged)"
 
 
 def _layout(obj: Any, path: str) -> str:

@@ -100,8 +100,18 @@ def test_partial_backbone_fails_unless_allowed(tmp_path, imagenet):
 def test_files_that_need_full_unpickling_are_refused(tmp_path, imagenet):
     path = tmp_path / "unsafe.pth.tar"
     torch.save({"state_dict": imagenet, "args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(WeightLoadError, match="weights_only=True"):
+    with pytest.raises(WeightLoadError, match=r"holds a Python object \(argparse.Namespace\)") as e:
         load_weights(SCNModel(7), str(path))
+    assert "weights_only=False" not in str(e.value)  # torch's own message advises the unsafe load
+
+
+@pytest.mark.parametrize("data", [b"not a model", b"", b"PK\x03\x04 a cut zip"], ids=["garbage", "empty", "cut-zip"])
+def test_a_file_that_is_no_model_file_is_said_to_be_so(tmp_path, data: bytes) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    with pytest.raises(WeightLoadError, match="is not a readable model file") as e:
+        load_model_file(str(path))
+    assert "weights_only=False" not in str(e.value)
 
 
 def test_model_file_round_trip(tmp_path):
