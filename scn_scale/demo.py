@@ -25,7 +25,6 @@ Everything is written under --out, which a new run empties first.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import collections
 import contextlib
@@ -53,6 +52,7 @@ import yaml
 from scn_scale import checkpoint
 from shards import open_shard_set, read_manifest
 from shards.atomic import write_json, write_parquet
+from shards.cli import set_flags
 
 log = logging.getLogger(__name__)
 
@@ -574,8 +574,9 @@ class Demo:
         if isinstance(ds, str) and ds and not Path(ds).is_absolute():
             common.append(f"deepspeed={ROOT / ds}")
         self.sup.run_all(
-            [(f"train-{name}", self._py("scn_scale.train", "--config", self.config, *common, f"run_name={name}",
-                                        *overrides)) for name, overrides in runs],
+            [(f"train-{name}", self._py("scn_scale.train", "--config", self.config,
+                                        *set_flags([*common, f"run_name={name}", *overrides])))
+             for name, overrides in runs],
             env={"RAY_ADDRESS": self.ray_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
         for name, _ in runs:
             freed = prune_checkpoints(self.paths.runs / name)
@@ -655,7 +656,10 @@ class Demo:
         manifest = read_manifest(str(p.crawl), columns=["key", "url"]).to_pydict()
         self.results["alpha_by_intensity"] = alpha_by_intensity(
             scored, dict(zip(manifest["key"], manifest["url"])), json.loads(p.ground_truth.read_text()))
-        self.results["audit"] = relabel_audit(final_model(p.runs / "scn").parent, p.crawl, p.noise_table)
+        labels = CrawlLabels.read(p.crawl, p.noise_table)
+        table = relabel_table_path(final_model(p.runs / "scn").parent)
+        self.results["audit"] = relabel_audit(table, labels)
+        self.results["galleries"] = draw_galleries(p.crawl, scored, table, labels, p.report)
         self.results["timings"] = dict(self.timings)
         self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
         self.results["report"] = str(p.report / demo_report.REPORT_MD)  # recorded in results.json too
@@ -776,23 +780,60 @@ def alpha_by_intensity(scored: AlphaScores, url_of: Mapping[str, str], ground_tr
     return {"rows": rows, "correlation": corr, "without_intensity": unknown}
 
 
-def relabel_audit(checkpoint_dir: Path, shards: Path, noise_table: Path) -> dict:
-    """The final relabel table against the ground truth: precision and recall of SCN's relabeling."""
-    from scn_scale.noise import load_ground_truth, load_overrides
-    from scn_scale.relabel_table import RelabelTable
+@dataclass
+class CrawlLabels:
+    """The crawl's labels and the embedded web's truth, by sample key; and the set's classes."""
 
+    given: dict[str, int]
+    truth: dict[str, int]
+    classes: tuple[str, ...]
+
+    @classmethod
+    def read(cls, shards: Path, noise_table: Path) -> CrawlLabels:
+        from scn_scale.noise import load_ground_truth, load_overrides
+
+        manifest = read_manifest(str(shards), columns=["key", "label"]).to_pydict()
+        given = dict(zip(manifest["key"], manifest["label"]))
+        given.update(load_overrides(str(noise_table)))  # the crawl labels (the same ones: the table restates them)
+        truth = {**given, **load_ground_truth(str(noise_table))}
+        return cls(given, truth, open_shard_set(str(shards)).classes)
+
+
+def relabel_table_path(checkpoint_dir: Path) -> Path:
     tables = sorted(checkpoint_dir.glob("*relabel*.parquet"))
     if not tables:
         raise StageError(f"{checkpoint_dir}: no relabel table")
-    manifest = read_manifest(str(shards), columns=["key", "label"]).to_pydict()
-    given = dict(zip(manifest["key"], manifest["label"]))
-    given.update(load_overrides(str(noise_table)))  # the crawl labels (the same ones: the table restates them)
-    truth = dict(given)
-    truth.update(load_ground_truth(str(noise_table)))
-    classes = open_shard_set(str(shards)).classes
-    audit = RelabelTable.load(str(tables[0])).audit(truth, given, classes)
-    audit["table"] = str(tables[0])
+    return tables[0]
+
+
+def relabel_audit(table: Path, labels: CrawlLabels) -> dict:
+    """The final relabel table against the ground truth: precision and recall of SCN's relabeling,
+    and the crawl's wrong labels before the table (`noisy`) and after it (`wrong_after`)."""
+    from scn_scale.relabel_table import RelabelTable
+
+    audit = RelabelTable.load(str(table)).audit(labels.truth, labels.given, labels.classes)
+    audit["table"] = str(table)
     return audit
+
+
+def draw_galleries(shards: Path, scored: AlphaScores, table: Path, labels: CrawlLabels, out: Path) -> dict[str, str]:
+    """The 16 crawled faces SCN gave the lowest alpha, and 16 it relabeled (old -> new label), each
+    framed right or wrong against the web's truth: scn_scale.gallery's sheets, as the other reports draw them."""
+    from scn_scale import gallery
+    from scn_scale.relabel_table import RelabelTable
+    from scn_scale.report import save_figure
+
+    images = gallery.SampleImages(str(shards))
+    files = {"lowest_alpha": "gallery_lowest_alpha.png", "relabeled": "gallery_relabeled.png"}
+    save_figure(gallery.lowest_alpha(
+        images, scored.keys, scored.alpha, [labels.given[k] for k in scored.keys], labels.classes,
+        truth=labels.truth, title="The 16 crawled faces with the lowest alpha (crawl label; truth)",
+    ), out / files["lowest_alpha"])
+    save_figure(gallery.relabels(
+        images, RelabelTable.load(str(table)).to_pydict(), labels.classes, truth=labels.truth,
+        title="16 faces SCN relabeled (crawl label -> new label; truth)",
+    ), out / files["relabeled"])
+    return files
 
 
 def _clock(seconds: float) -> str:
@@ -877,14 +918,21 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scn_scale.demo", description=__doc__.split("\n\n")[0])
+    from scn_scale.config import ConfigError, TrainConfig, load_config
+    from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
+
+    parser = ArgumentParser(prog="python -m scn_scale.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="where everything goes (emptied first if it holds a demo)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="default",
                         help="default: the full demo (under 15 minutes on 2 cores); tiny: every stage in minutes")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
+    try:  # the training config is read now, not when training starts after the crawl
+        load_config(TrainConfig, args.config, [])
+    except ConfigError as exc:
+        return bad_input(exc)
 
     stopping: list[str] = []  # set by the first signal, or when the demo starts stopping its children
 

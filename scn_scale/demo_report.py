@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from scn_scale import report as plots
+from scn_scale.metrics import accuracy_gap
 from shards.atomic import write_json, write_text
 
 REPORT_MD = "report.md"
@@ -146,25 +147,13 @@ def _points(diff: float) -> str:
     return f"{100 * diff:+.1f} points"
 
 
-def _stderr(acc: float, n: int) -> float:
-    """Binomial standard error of an accuracy on n test samples."""
-    return math.sqrt(max(acc * (1 - acc), 1e-12) / n) if n else math.nan
-
-
-def _compare(a: dict, b: dict) -> tuple[float, float]:
-    """Difference of two accuracies on the same test set, and twice the standard error of that difference."""
-    diff = a["accuracy"] - b["accuracy"]
-    se = math.hypot(_stderr(a["accuracy"], a["samples"]), _stderr(b["accuracy"], b["samples"]))
-    return diff, 2 * se
-
-
 def headline(results: dict) -> dict:
     """The numbers the report leads with, derived from the results (and saved with them)."""
     runs, alpha, audit = results["runs"], results["alpha"], results["audit"]
     scn, base = runs["scn"]["eval"], runs["baseline"]["eval"]
     pre, scratch = runs["finetune-crawl"]["eval"], runs["finetune-scratch"]["eval"]
-    diff, margin = _compare(scn, base)
-    gain, gain_margin = _compare(pre, scratch)
+    diff, margin = accuracy_gap(scn["accuracy"], base["accuracy"], scn["samples"])
+    gain, gain_margin = accuracy_gap(pre["accuracy"], scratch["accuracy"], pre["samples"])
     noisy, clean = alpha.get("noisy", {}), alpha.get("clean", {})
     both = bool(noisy.get("n") and clean.get("n"))
     return {
@@ -213,10 +202,13 @@ def _verdicts(results: dict, h: dict) -> list[str]:
                      f"{h['alpha_noisy_mean']:.3f} for noisy samples against {h['alpha_clean_mean']:.3f} for clean ones.")
     audit = results["audit"]
     if audit["changed"]:
-        lines.append(f"**Relabeling:** SCN changed {audit['changed']} labels; {audit['restored']} of them to the true "
-                     f"class (precision {_pct(audit['precision'])}), restoring {audit['restored']} of the "
-                     f"{audit['noisy']} wrong labels (recall {_pct(audit['recall'])}); {audit['corrupted']} clean "
-                     "labels were changed away from the truth.")
+        net = ("restored more labels than it broke" if audit["wrong_after"] < audit["noisy"] else
+               "broke as many labels as it restored" if audit["wrong_after"] == audit["noisy"] else
+               "broke more labels than it restored")
+        lines.append(f"**Relabeling {net}:** the crawl had {audit['noisy']} wrong labels, {audit['wrong_after']} after "
+                     f"SCN's relabel table. SCN changed {audit['changed']} labels; {audit['restored']} of them to the true "
+                     f"class (precision {_pct(audit['precision'])}, recall {_pct(audit['recall'])} of the wrong labels); "
+                     f"{audit['corrupted']} clean labels were changed away from the truth.")
     else:
         lines.append(f"**Relabeling:** SCN changed no label in this run (recall 0 of {audit['noisy']} wrong labels).")
     diff, margin = h["scn_minus_baseline"], h["scn_minus_baseline_2se"]
@@ -309,6 +301,7 @@ def markdown(results: dict, h: dict) -> str:
         f"| mean alpha, clean samples | {_fmt(h['alpha_clean_mean'])} |",
         f"| relabel precision | {_pct(h['relabel_precision'])} ({audit['restored']} of {audit['changed']} changes) |",
         f"| relabel recall | {_pct(h['relabel_recall'])} ({audit['restored']} of {audit['noisy']} wrong labels) |",
+        f"| wrong crawl labels, before / after SCN's relabel table | {audit['noisy']} / {audit['wrong_after']} |",
         f"| clean test accuracy, SCN (last epoch) | {_pct(h['scn_accuracy'])} |",
         f"| clean test accuracy, baseline (last epoch) | {_pct(h['baseline_accuracy'])} |",
         f"| SCN minus baseline | {_points(h['scn_minus_baseline'])} (two standard errors: "
@@ -344,6 +337,15 @@ def markdown(results: dict, h: dict) -> str:
         "after each epoch's merge:",
         "",
         f"![SCN during training]({TRAINING_PNG})",
+        "",
+        "## Faces",
+        "",
+        "What SCN doubted and what it changed, framed green where the label shown is the web's truth and red "
+        "where it is not:",
+        "",
+        f"![lowest alpha]({results['galleries']['lowest_alpha']})",
+        "",
+        f"![relabeled]({results['galleries']['relabeled']})",
         "",
         "## Relabeling",
         "",

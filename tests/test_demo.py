@@ -198,10 +198,13 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert f"{100 * value:.1f}%" in text
     assert ("SCN beat the baseline" in text) == (h["scn_minus_baseline"] > 0)
     assert ("SCN did not beat the baseline" in text) == (h["scn_minus_baseline"] < 0)
-    for png in demo_report.PNGS:
+    for png in (*demo_report.PNGS, *results["galleries"].values()):
         assert f"]({png})" in text
         with Image.open(report / png) as image:
             image.verify()
+    audit = results["audit"]  # wrong crawl labels before and after SCN's table, recounted
+    assert audit["wrong_after"] == audit["noisy"] - audit["restored"] + audit["corrupted"]
+    assert f"| {audit['noisy']} / {audit['wrong_after']} |" in text
     assert results["report"] == str(report / demo_report.REPORT_MD)
 
 
