@@ -1,6 +1,6 @@
-"""`python -m scn_scale.train --config FILE [--address ADDR] [key=value ...]`: SCN on shard sets, Ray Train + DeepSpeed.
+"""`python -m scn_scale.train --config FILE [--ray-address ADDR] [--set KEY=VALUE ...]`: SCN on shard sets, Ray Train + DeepSpeed.
 
-`train(cfg)` checks the whole configuration first (shard sets and their shard counts
+`train(cfg)` checks the whole configuration first (shard sets and their sizes
 against ranks x loader workers, the DeepSpeed config against the trainer's settings,
 label overrides, init weights), because an error found by a worker costs a cluster
 start and arrives buried in worker logs. Then it attaches to the Ray cluster named by
@@ -9,6 +9,8 @@ runs a TorchTrainer whose workers each drive a DeepSpeed engine (scn_scale.loop)
 
 A run lives in `out_dir/run_name/` (Ray's storage_path/name). Starting the same run again
 resumes it from its last checkpoint, as does Ray after a worker failure (max_failures).
+While it runs, the driver holds the run directory's lock (`shards.lock`): a second start of
+the same run is refused, naming the first one's pid and host.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,14 +29,17 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from scn_scale import checkpoint
+from scn_scale import checkpoint, tracking
 from scn_scale.config import ConfigError, TrainConfig, load_config
+from scn_scale.config_reference import setting_names
 from scn_scale.faults import FaultPlan
 from scn_scale.loop import WorkerSpec, deepspeed_config, train_worker
 from scn_scale.model import build_model
 from scn_scale.noise import load_overrides
 from scn_scale.weights import load_weights
 from shards import ShardSet, ShardSetError, open_shard_set, plan_epoch
+from shards.cli import ArgumentParser, add_log_level, add_set, bad_input, configure_logging
+from shards.lock import OutputLock, OutputLocked
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ def _open_set(setting: str, url: str) -> ShardSet:
         return open_shard_set(url)
     except ShardSetError as e:
         raise ConfigError(f"{setting}: {e}") from e
+    except ValueError as e:  # a set file that is not JSON
+        raise ConfigError(f"{setting}: shard set {url}: {e}") from e
 
 
 def _check_plan(setting: str, shard_set: ShardSet, cfg: TrainConfig) -> int:
@@ -92,7 +100,12 @@ def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
     cfg.validate()
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
+    if "://" not in cfg.out_dir and os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"out_dir {cfg.out_dir} exists and is not a directory")
     FaultPlan.parse(cfg.fail_at, cfg.num_workers)
+    tracking.check(cfg)
+    if not ray.is_initialized():
+        _check_address(cfg.address or os.environ.get("RAY_ADDRESS", ""))
     train_set = _open_set("train_shards", cfg.train_shards)
     val_set = _open_set("val_shards", cfg.val_shards)
     if train_set.classes != val_set.classes:
@@ -113,9 +126,31 @@ def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
     return ds, train_set.classes
 
 
+def checkpoint_config(cfg: TrainConfig) -> CheckpointConfig:
+    """Ray Train keeps the latest checkpoint and the `keep_checkpoints` best by val_accuracy (0: every one).
+
+    Ray records the run's checkpoints and refuses to resume a run whose record names a
+    deleted one, so retention is left to it rather than done beside it. What it can express
+    is "the k best, and always the latest" (ranked by rank 0's reported metrics), not "the last k".
+    """
+    return CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None, checkpoint_score_attribute="val_accuracy",
+                            checkpoint_score_order="max")
+
+
 def storage_path(out_dir: str) -> str:
     """Ray's storage_path: URLs as given, local directories made absolute (Ray requires it)."""
     return out_dir if "://" in out_dir else os.path.abspath(out_dir)
+
+
+def _check_address(address: str) -> None:
+    """A cluster address HOST:PORT must answer now: ray.init would retry an unreachable one for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "", "auto", "local", "ray://...": Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"address {address}: no Ray cluster answers there ({e})") from e
 
 
 def _connect(address: str) -> bool:
@@ -128,41 +163,51 @@ def _connect(address: str) -> bool:
     else:
         # "local" rather than None: None would attach to any cluster found on this machine.
         # Ray swaps 127.0.0.1 for the machine's network address; another loopback address it
-        # keeps, so a local cluster never talks over the network.
-        ray.init(address="local", include_dashboard=False, _node_ip_address=LOCAL_NODE_IP)
+        # keeps, so a local cluster never talks over the network. The dashboard (on loopback) serves
+        # Ray's state API: without it, Ray Train's PlacementGroupCleaner fails to query the
+        # controller every second and logs "Failed to query Ray Train Controller actor state"
+        # each time (ray/train/v2/_internal/execution/controller/placement_group_cleaner.py).
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address=LOCAL_NODE_IP)
     return True
 
 
 def train(cfg: TrainConfig, *, progress: bool = False, log_level: int | None = None) -> TrainResult:
     """Train (or resume) the run `cfg.out_dir/cfg.run_name`; return where it lives and its metrics.
 
-    `progress` and `log_level` are the CLI's choices of what rank 0 prints.
+    `progress` and `log_level` are the CLI's choices of what rank 0 prints: progress as a bar
+    when this process's stderr is a terminal, else as a log line per `log_every_steps` (scn_scale.progress).
     """
+    cfg = cfg.with_absolute_paths()  # the workers run elsewhere
     ds_config, classes = prepare(cfg)
     storage = storage_path(cfg.out_dir)
-    spec = WorkerSpec(cfg=cfg, deepspeed=ds_config, classes=classes, storage=storage, progress=progress, log_level=log_level)
+    run = checkpoint.run_dir(storage, cfg.run_name)
+    spec = WorkerSpec(cfg=cfg, deepspeed=ds_config, classes=classes, storage=storage, progress=progress,
+                      terminal=sys.stderr.isatty(), log_level=log_level)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     # Only RAY_TRAIN_* variables reach workers by themselves; DeepSpeed reads DS_ACCELERATOR at import.
     worker_env = None if cfg.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
-    started = _connect(cfg.address)
-    try:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"spec": spec},
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(
-                name=cfg.run_name,
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(),
-                worker_runtime_env=worker_env,
-            ),
-        )
-        result = trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    run = checkpoint.run_dir(storage, cfg.run_name)
+    # One start of a run at a time; the lock is taken after every check, so a refused start writes nothing.
+    with OutputLock(run):
+        for path in checkpoint.remove_temp_files(run):
+            log.info("removed %s, left by an interrupted write", path)
+        started = _connect(cfg.address)
+        try:
+            trainer = TorchTrainer(
+                train_worker,
+                train_loop_config={"spec": spec},
+                scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+                run_config=RunConfig(
+                    name=cfg.run_name,
+                    storage_path=storage,
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=checkpoint_config(cfg),
+                    worker_runtime_env=worker_env,
+                ),
+            )
+            result = trainer.fit()
+        finally:
+            if started:
+                ray.shutdown()
     return TrainResult(
         run_dir=run,
         checkpoint=None if result.checkpoint is None else result.checkpoint.path,
@@ -189,24 +234,33 @@ def summary(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line; parse it with `parse_intermixed_args`, so KEY=VALUE settings may stand between flags."""
+    p = ArgumentParser(
+        prog="python -m scn_scale.train",
+        description=__doc__.splitlines()[0],
+        epilog="settings (type, default and meaning of each: docs/config.md): " + ", ".join(setting_names()),
+    )
+    p.add_argument("--config", required=True, help="YAML training config, e.g. cluster/configs/cpu-small.yaml")
+    p.add_argument("--ray-address", "--address", dest="address", default="", metavar="ADDR",
+                   help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    add_set(p, "epochs=5 scn.relabel_epoch=3 over the file's (keys below)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings as --set takes them, without the flag; applied before the --set ones")
+    add_log_level(p)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scn_scale.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML training config, e.g. cluster/configs/cpu-small.yaml")
-    parser.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings over the file's, e.g. epochs=5 scn.relabel_epoch=3")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parser().parse_intermixed_args(argv)
+    configure_logging(args.log_level, "%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_config(TrainConfig, args.config, [*args.overrides, *args.set])
         if args.address:
             cfg = dataclasses.replace(cfg, address=args.address)
-        result = train(cfg, progress=True, log_level=logging.INFO)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:  # the config file itself
-        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
-        return 2
+        result = train(cfg, progress=True, log_level=logging.getLevelName(args.log_level))
+    except (ConfigError, OutputLocked) as e:  # OutputLocked: this run is being trained elsewhere
+        return bad_input(e)
     print(summary(result))
     return 0
 

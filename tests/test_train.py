@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import ray
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from PIL import Image
 
-from scn_scale import checkpoint
+from scn_scale import checkpoint, report, tracking
 from scn_scale.config import ConfigError, SCNConfig, TrainConfig, load_config
 from scn_scale.faults import MARKER_NAME
 from scn_scale.loop import deepspeed_config, training_loss
@@ -27,9 +28,10 @@ from scn_scale.loss import scn_loss
 from scn_scale.model import SCNModel
 from scn_scale.noise import make_noise, save_overrides
 from scn_scale.relabel_table import RelabelTable
-from scn_scale.train import main, prepare
+from scn_scale.train import main, parser, prepare
 from scn_scale.weights import load_model_file, save_model_file
 from shards import Sample, ShardWriter, key_from_bytes, read_manifest
+from shards.cli import set_flags
 from tests.conftest import write_shard_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,14 +99,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
 
 
 def _args(data: Data, out: Path, run_name: str, *extra: str) -> list[str]:
-    """The small CPU config, at test size: 2 ranks x 5 steps of 16 images an epoch."""
-    return [
-        "--config", CONFIG, f"train_shards={data.train}", f"val_shards={data.val}", f"label_overrides={data.noise}",
+    """The small CPU config, at test size: 2 ranks x 5 steps of 16 images an epoch; every epoch's
+    checkpoint kept (keep_checkpoints=0), as the tests read each epoch's table; the running sums
+    read every 2 steps (progress lines, per-step TensorBoard scalars)."""
+    return ["--config", CONFIG, *set_flags([
+        f"train_shards={data.train}", f"val_shards={data.val}", f"label_overrides={data.noise}",
         f"out_dir={out}", f"run_name={run_name}", "image_size=32", "batch_size=16", "epochs=4",
         # A warm-up epoch of cross-entropy first: without it, relabel precision over these 4 epochs
         # ranged 0.46-0.73 across seeds and data orders; with it 0.84 (scn.warmup_epochs).
-        "scn.relabel_epoch=3", "scn.warmup_epochs=1", *extra,
-    ]
+        "scn.relabel_epoch=3", "scn.warmup_epochs=1", "keep_checkpoints=0", "log_every_steps=2", *extra,
+    ])]
 
 
 # Configuration errors: each is a clear message from the CLI, before any Ray process starts.
@@ -124,20 +128,31 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 def test_missing_shard_directory(capsys, small_set: str, tmp_path: Path) -> None:
-    err = _error(capsys, ["--config", CONFIG, f"train_shards={tmp_path / 'nowhere'}", f"val_shards={small_set}"])
+    err = _error(capsys, ["--config", CONFIG, "--set", f"train_shards={tmp_path / 'nowhere'}",
+                          "--set", f"val_shards={small_set}"])
     assert f"train_shards: shard set {tmp_path / 'nowhere'}: no such directory" in err
 
 
 def test_fewer_samples_than_ranks_times_loader_workers(capsys, small_set: str) -> None:
-    err = _error(capsys, ["--config", CONFIG, f"train_shards={small_set}", f"val_shards={small_set}", "loader_workers=9"])
+    err = _error(capsys, ["--config", CONFIG,
+                          *set_flags([f"train_shards={small_set}", f"val_shards={small_set}", "loader_workers=9"])])
     assert "train_shards: shard set" in err and "holds 16 samples, fewer than the 18 readers (2 ranks x 9 loader workers)" in err
 
 
 def test_unknown_config_key(capsys, small_set: str, tmp_path: Path) -> None:
-    err = _error(capsys, ["--config", CONFIG, "scn.delta3=0.1"])
+    err = _error(capsys, ["--config", CONFIG, "--set", "scn.delta3=0.1"])
     assert "unknown config key 'scn.delta3'; valid keys under 'scn': beta, delta1, delta2" in err
     (tmp_path / "bad.yaml").write_text("epochs: 2\nlearning_rate: 0.1\n")
     assert "unknown config key 'learning_rate'" in _error(capsys, ["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_old_spellings_of_the_command_line_still_work(capsys, small_set: str) -> None:
+    """--address and positional key=value, the spellings before --ray-address and --set; either form may stand
+    anywhere, and the --set ones are applied last."""
+    assert parser().parse_intermixed_args(["--config", CONFIG, "--address", "auto"]).address == "auto"
+    err = _error(capsys, ["--config", CONFIG, f"train_shards={small_set}", "loader_workers=1", "--set",
+                          "loader_workers=9", f"val_shards={small_set}"])
+    assert "holds 16 samples, fewer than the 18 readers (2 ranks x 9 loader workers)" in err
 
 
 @pytest.mark.parametrize(
@@ -178,13 +193,14 @@ def test_shipped_training_configs_load_and_agree_with_their_deepspeed_config(pat
 
 
 def test_fail_at_and_init_are_checked(capsys, small_set: str, tmp_path: Path) -> None:
-    base = ["--config", CONFIG, f"train_shards={small_set}", f"val_shards={small_set}"]
-    assert "fail_at needs epoch, step, rank" in _error(capsys, [*base, "fail_at=epoch=1,step=2"])
-    assert "rank must be in [0, 2)" in _error(capsys, [*base, "fail_at=epoch=1,step=2,rank=2"])
+    sets = [f"train_shards={small_set}", f"val_shards={small_set}"]
+    base = ["--config", CONFIG, *set_flags(sets)]
+    assert "fail_at needs epoch, step, rank" in _error(capsys, [*base, "--set", "fail_at=epoch=1,step=2"])
+    assert "rank must be in [0, 2)" in _error(capsys, [*base, "--set", "fail_at=epoch=1,step=2,rank=2"])
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pt")
-    assert "init: " in _error(capsys, [*base, f"init={tmp_path / 'partial.pt'}"])
+    assert "init: " in _error(capsys, [*base, "--set", f"init={tmp_path / 'partial.pt'}"])
     save_model_file(str(tmp_path / "model.pt"), SCNModel(len(CLASSES)), CLASSES)
-    cfg = load_config(TrainConfig, CONFIG, base[2:] + [f"init={tmp_path / 'model.pt'}"])
+    cfg = load_config(TrainConfig, CONFIG, [*sets, f"init={tmp_path / 'model.pt'}"])
     assert prepare(cfg)[1] == CLASSES
 
 
@@ -230,10 +246,10 @@ def test_scn_warm_up_is_cross_entropy_then_scn_and_relabels_after_it() -> None:
 def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two runs with the same seed, at the same time: "a" through `main` in this process, 3 epochs and
     then started again for a 4th; and "failing", whose rank 1 fails in epoch 4, through the CLI in a
-    second process attached with --address."""
+    second process attached with --ray-address."""
     out = tmp_path_factory.mktemp("runs")
     log = out / "failing.log"
-    cmd = [sys.executable, "-m", "scn_scale.train", "--address", local_ray,
+    cmd = [sys.executable, "-m", "scn_scale.train", "--ray-address", local_ray,
            *_args(data, out, "failing", "fail_at=epoch=4,step=2,rank=1")]
     with open(log, "w") as f:
         failing = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
@@ -327,3 +343,51 @@ def test_two_runs_with_the_same_seed_make_the_same_table(run_a: list[dict], run_
     table came back exactly."""
     assert run_a[2]["table_size"] > 0
     assert [m["table_digest"] for m in run_failing] == [m["table_digest"] for m in run_a]
+
+
+def _events(run: Path, axis: str) -> EventAccumulator:
+    """A run's TensorBoard event files of one axis (steps, epochs), through TensorBoard's own reader."""
+    events = EventAccumulator(str(run / tracking.TENSORBOARD_DIR / axis))
+    events.Reload()
+    return events
+
+
+#: Global steps of the interval reads (every 2 steps) and epoch ends (5 steps an epoch) over 4 epochs.
+LOGGED_STEPS = [e * 5 + s for e in range(4) for s in (2, 4, 5)]
+
+
+@pytest.mark.slow
+def test_a_run_leaves_tensorboard_event_files_with_per_step_and_per_epoch_scalars(run_a: list[dict], runs: Path) -> None:
+    steps = _events(runs / "a", tracking.STEPS_DIR)
+    expected = {"step/loss", "step/wce", "step/rr", "step/lr", "step/alpha_mean", "step/alpha_std", "step/images_per_s"}
+    assert expected <= set(steps.Tags()["scalars"])
+    assert [e.step for e in steps.Scalars("step/loss")] == LOGGED_STEPS  # across the resume after epoch 3
+    assert all(e.value > 0 for e in steps.Scalars("step/images_per_s"))
+    epochs = _events(runs / "a", tracking.EPOCHS_DIR)
+    for tag, key in (("epoch/val_accuracy", "val_accuracy"), ("epoch/train_accuracy", "train_accuracy"),
+                     ("epoch/val_mean_class_accuracy", "val_mean_class_accuracy"), ("epoch/relabels_total", "relabels_total")):
+        assert [(e.step, e.value) for e in epochs.Scalars(tag)] == [(m["epoch"], pytest.approx(m[key])) for m in run_a]
+    noisy = [e.value for e in epochs.Scalars("epoch/alpha_noisy_mean")]
+    assert noisy == pytest.approx([m["alpha"]["noisy"]["mean"] for m in run_a])
+    # Relabeling from epoch 3: precision is defined from then on.
+    assert [e.step for e in epochs.Scalars("epoch/relabel_precision")] == [3, 4]
+
+
+@pytest.mark.slow
+def test_a_failed_attempts_steps_are_purged_and_the_logs_suit_ray(runs: Path) -> None:
+    """The attempt that failed in epoch 4 logged some of its steps; TensorBoard drops them for the
+    restarted attempt's. Its job log (not a terminal) has a progress line per interval and none of
+    Ray Train's "Failed to query" warnings (the session's cluster serves the state API)."""
+    assert [e.step for e in _events(runs / "failing", tracking.STEPS_DIR).Scalars("step/loss")] == LOGGED_STEPS
+    log = (runs / "failing.log").read_text()
+    assert "Failed to query Ray Train Controller actor state" not in log
+    assert "scn_scale.progress: epoch 1 step 2/5: loss" in log and "scn_scale.progress: epoch 4 step 4/5: loss" in log
+    assert "it/s]" not in log  # no tqdm bar in a log
+
+
+@pytest.mark.slow
+def test_the_run_report_draws_the_curves(runs: Path, tmp_path: Path) -> None:
+    assert report.main([str(runs / "a"), "--out", str(tmp_path), "--samples", "4"]) == 0
+    text = (tmp_path / report.REPORT_MD).read_text()
+    for png in (report.STEP_CURVES_PNG, report.EPOCH_CURVES_PNG):
+        assert f"]({png})" in text and (tmp_path / png).stat().st_size > 0
