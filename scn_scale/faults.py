@@ -7,7 +7,10 @@ restarted attempt that finds it trains on. Epochs and steps are 1-based.
 
 `how=kill` (`"epoch=E,step=S,rank=R,how=kill"`) makes the rank's process SIGKILL itself
 instead: no exception, no clean-up, no last words to Ray, as when the kernel's OOM killer
-or an operator ends it; Ray learns of it only from the dead process.
+or an operator ends it; Ray learns of it only from the dead process. Before the kill the
+rank waits two of Ray Train's health-check intervals: the controller takes in the ranks'
+reports (and so registers the last epoch's checkpoint) only when it polls them, and a
+kill within one interval of an epoch's end would make the restart miss that checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from scn_scale.config import ConfigError
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 MARKER_NAME = "fault-injected"
 FIELDS = ("epoch", "step", "rank")
 HOWS = ("raise", "kill")
+#: Ray Train's own setting and default for how often its controller polls the workers.
+HEALTH_CHECK_ENV, HEALTH_CHECK_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0
 
 
 class InjectedFault(RuntimeError):
@@ -81,5 +87,6 @@ class FaultPlan:
             f.write(f"epoch={epoch},step={step},rank={rank}\n")
         log.warning("injecting the failure asked for by fail_at (%s): epoch %d, step %d, rank %d", self.how, epoch, step, rank)
         if self.how == "kill":
+            time.sleep(2 * float(os.environ.get(HEALTH_CHECK_ENV, HEALTH_CHECK_DEFAULT_S)))
             os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"injected failure at epoch {epoch}, step {step}, rank {rank} (fail_at)")
