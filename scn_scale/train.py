@@ -120,7 +120,7 @@ def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
     if cfg.init:
         _check_init(cfg, train_set.classes)
     try:
-        checkpoint.check_resume(cfg, checkpoint.run_dir(storage_path(cfg.out_dir), cfg.run_name))
+        checkpoint.check_resume(cfg, checkpoint.run_dir(cfg.out_dir, cfg.run_name))
     except checkpoint.CheckpointError as e:
         raise ConfigError(str(e)) from e
     return ds, train_set.classes
@@ -135,11 +135,6 @@ def checkpoint_config(cfg: TrainConfig) -> CheckpointConfig:
     """
     return CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None, checkpoint_score_attribute="val_accuracy",
                             checkpoint_score_order="max")
-
-
-def storage_path(out_dir: str) -> str:
-    """Ray's storage_path: URLs as given, local directories made absolute (Ray requires it)."""
-    return out_dir if "://" in out_dir else os.path.abspath(out_dir)
 
 
 def _check_address(address: str) -> None:
@@ -177,9 +172,9 @@ def train(cfg: TrainConfig, *, progress: bool = False, log_level: int | None = N
     `progress` and `log_level` are the CLI's choices of what rank 0 prints: progress as a bar
     when this process's stderr is a terminal, else as a log line per `log_every_steps` (scn_scale.progress).
     """
-    cfg = cfg.with_absolute_paths()  # the workers run elsewhere
+    cfg = cfg.with_absolute_paths()  # the workers run elsewhere; Ray's storage_path must be absolute too
     ds_config, classes = prepare(cfg)
-    storage = storage_path(cfg.out_dir)
+    storage = cfg.out_dir
     run = checkpoint.run_dir(storage, cfg.run_name)
     spec = WorkerSpec(cfg=cfg, deepspeed=ds_config, classes=classes, storage=storage, progress=progress,
                       terminal=sys.stderr.isatty(), log_level=log_level)
