@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from scn_scale import report as plots
-from scn_scale.metrics import accuracy_gap
+from scn_scale.metrics import accuracy_gap, alpha_gap
 from shards.atomic import write_json, write_text
 
 REPORT_MD = "report.md"
@@ -155,15 +155,13 @@ def headline(results: dict) -> dict:
     diff, margin = accuracy_gap(scn["accuracy"], base["accuracy"], scn["samples"])
     gain, gain_margin = accuracy_gap(pre["accuracy"], scratch["accuracy"], pre["samples"])
     noisy, clean = alpha.get("noisy", {}), alpha.get("clean", {})
-    both = bool(noisy.get("n") and clean.get("n"))
+    gap = alpha_gap(alpha)
     return {
         "label_noise": results["noise"]["noise"],
         "alpha_noisy_mean": noisy.get("mean"),
         "alpha_clean_mean": clean.get("mean"),
-        "alpha_gap": clean["mean"] - noisy["mean"] if both else None,
-        # Twice the standard error of that difference of means (as for the accuracies below).
-        "alpha_gap_2se": 2 * math.hypot(noisy["std"] / math.sqrt(noisy["n"]), clean["std"] / math.sqrt(clean["n"]))
-        if both else None,
+        "alpha_gap": None if gap is None else gap[0],
+        "alpha_gap_2se": None if gap is None else gap[1],
         "relabel_precision": audit["precision"],
         "relabel_recall": audit["recall"],
         "relabeled": audit["changed"],

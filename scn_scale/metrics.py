@@ -85,6 +85,18 @@ def accuracy_gap(a: float, b: float, n: int) -> tuple[float, float]:
     return a - b, 2 * se
 
 
+def alpha_gap(stats: dict) -> tuple[float, float] | None:
+    """Mean alpha of clean minus noisy samples in `alpha_stats`' output, and twice its standard
+    error; None without both groups. Positive is what SCN intends: the mislabeled samples
+    weigh less. The error is that of a difference of two independent means.
+    """
+    noisy, clean = stats.get("noisy", {}), stats.get("clean", {})
+    if not (noisy.get("n") and clean.get("n")):
+        return None
+    se = math.hypot(noisy["std"] / math.sqrt(noisy["n"]), clean["std"] / math.sqrt(clean["n"]))
+    return clean["mean"] - noisy["mean"], 2 * se
+
+
 def alpha_stats(alpha: Any, noisy: Any | None = None) -> dict:
     """Distribution of alpha: mean, std, min, max, quantiles q05..q95 and `above_0_99` (the
     share of samples above 0.99, the collapse check); with a noisy-label mask, the same

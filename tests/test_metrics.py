@@ -11,6 +11,7 @@ from scn_scale.metrics import (
     RunningSums,
     accuracy,
     accuracy_gap,
+    alpha_gap,
     alpha_stats,
     confusion_matrix,
     mean_class_accuracy,
@@ -63,6 +64,15 @@ def test_alpha_stats_split_by_noise():
     assert stats["clean"]["n"] == 4 and stats["clean"]["above_0_99"] == pytest.approx(0.5)
     assert "noisy" not in alpha_stats(alpha)
     assert alpha_stats(alpha, [False] * 6)["noisy"] == {"n": 0}
+
+
+def test_alpha_gap_is_clean_minus_noisy_with_twice_the_standard_error_of_a_difference_of_means():
+    alpha = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.8])
+    noisy = np.array([True, True, False, False, False, False])
+    gap, two_se = alpha_gap(alpha_stats(alpha, noisy))
+    assert gap == pytest.approx(0.525 - 0.15)
+    assert two_se == pytest.approx(2 * math.sqrt(np.var(alpha[noisy]) / 2 + np.var(alpha[~noisy]) / 4))
+    assert alpha_gap(alpha_stats(alpha)) is None and alpha_gap(alpha_stats(alpha, [False] * 6)) is None
 
 
 def _added(parts: list[AlphaHistogram]) -> AlphaHistogram:
