@@ -28,7 +28,7 @@ from scn_scale.loss import scn_loss
 from scn_scale.model import SCNModel
 from scn_scale.noise import make_noise, save_overrides
 from scn_scale.relabel_table import RelabelTable
-from scn_scale.train import main, parser, prepare
+from scn_scale.train import checkpoint_config, main, parser, prepare
 from scn_scale.weights import load_model_file, save_model_file
 from shards import Sample, ShardWriter, key_from_bytes, read_manifest
 from shards.cli import set_flags
@@ -239,22 +239,36 @@ def test_scn_warm_up_is_cross_entropy_then_scn_and_relabels_after_it() -> None:
         load_config(TrainConfig, None, ["scn.warmup_epochs=2", "scn.relabel_epoch=2"])
 
 
+def test_retention_is_rays_k_best_by_val_accuracy_and_the_latest() -> None:
+    config = checkpoint_config(TrainConfig(keep_checkpoints=2))
+    assert (config.num_to_keep, config.checkpoint_score_attribute, config.checkpoint_score_order) == (
+        2, "val_accuracy", "max")
+    assert checkpoint_config(TrainConfig(keep_checkpoints=0)).num_to_keep is None  # keep all
+
+
 # Real runs on the session's Ray cluster; every run has its own name (a repeated name resumes).
+
+
+#: Temporary files as a kill leaves them in a run's directory; the next start of the run removes them.
+KILL_LEFTOVERS = (".metrics.jsonl.k1ll3d.tmp", f"{checkpoint.checkpoint_dir_name(3)}/.model.pt.k1ll3d.tmp")
 
 
 @pytest.fixture(scope="module")
 def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two runs with the same seed, at the same time: "a" through `main` in this process, 3 epochs and
-    then started again for a 4th; and "failing", whose rank 1 fails in epoch 4, through the CLI in a
-    second process attached with --ray-address."""
+    then started again for a 4th (over the temporary files a kill would have left); and "failing",
+    through the CLI in a second process attached with --ray-address, whose rank 1 SIGKILLs itself at
+    step 2 of epoch 4 (no exception, no goodbye to Ray), keeping the best checkpoint and the latest."""
     out = tmp_path_factory.mktemp("runs")
     log = out / "failing.log"
     cmd = [sys.executable, "-m", "scn_scale.train", "--ray-address", local_ray,
-           *_args(data, out, "failing", "fail_at=epoch=4,step=2,rank=1")]
+           *_args(data, out, "failing", "fail_at=epoch=4,step=2,rank=1,how=kill", "keep_checkpoints=1")]
     with open(log, "w") as f:
         failing = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     try:
         assert main(_args(data, out, "a", "epochs=3")) == 0
+        for name in KILL_LEFTOVERS:
+            (out / "a" / name).write_bytes(b"half a file")
         assert main(_args(data, out, "a")) == 0  # the same run again, one epoch longer: it resumes
         assert failing.wait(timeout=600) == 0, log.read_text()[-5000:]
     finally:
@@ -312,14 +326,24 @@ def test_scn_relabels_noisy_labels_and_gives_them_lower_alpha(run_a: list[dict])
 
 
 @pytest.mark.slow
-def test_a_worker_failure_resumes_from_the_last_checkpoint_and_its_table(run_failing: list[dict], runs: Path) -> None:
+def test_a_sigkilled_worker_resumes_from_the_last_checkpoint_and_its_table(run_failing: list[dict], runs: Path) -> None:
     assert (runs / "failing" / MARKER_NAME).read_text().strip() == "epoch=4,step=2,rank=1"
     assert [m["epoch"] for m in run_failing] == [1, 2, 3, 4]
     assert not any("resumed_from" in line for line in run_failing[:3])
     # The restarted attempt began at epoch 4 with epoch 3's checkpoint: its model and its table.
-    table = _table(runs / "failing", 3)
-    assert len(table) > 0 and run_failing[3]["resumed_from"] == {"epoch": 3, "table_digest": table.digest()}
+    assert run_failing[2]["table_size"] > 0
+    assert run_failing[3]["resumed_from"] == {"epoch": 3, "table_digest": run_failing[2]["table_digest"]}
     assert all(line["table_digests"] == [line["table_digest"]] * 2 for line in run_failing)
+    # keep_checkpoints=1: the best epoch by val_accuracy (a later one on a tie) and the latest, nothing else.
+    best = max(run_failing, key=lambda line: (line["val_accuracy"], line["epoch"]))["epoch"]
+    kept = sorted(p.name for p in (runs / "failing").glob("checkpoint_epoch_*"))
+    assert kept == sorted({checkpoint.checkpoint_dir_name(best), checkpoint.checkpoint_dir_name(4)})
+
+
+@pytest.mark.slow
+def test_starting_a_run_again_removes_the_temporary_files_a_kill_left(run_a: list[dict], runs: Path) -> None:
+    assert [m["epoch"] for m in run_a] == [1, 2, 3, 4]
+    assert not any((runs / "a" / name).exists() for name in KILL_LEFTOVERS)
 
 
 @pytest.mark.slow
@@ -339,7 +363,7 @@ def test_a_run_does_not_resume_under_another_data_order(capsys, run_a: list[dict
 @pytest.mark.slow
 def test_two_runs_with_the_same_seed_make_the_same_table(run_a: list[dict], run_failing: list[dict]) -> None:
     """Epochs 1-3 ran uninterrupted in both runs; epoch 4 resumed from epoch 3's checkpoint in both,
-    after a clean stop in one and a worker failure in the other: model, optimizer, data order and
+    after a clean stop in one and a killed worker in the other: model, optimizer, data order and
     table came back exactly."""
     assert run_a[2]["table_size"] > 0
     assert [m["table_digest"] for m in run_failing] == [m["table_digest"] for m in run_a]
@@ -375,7 +399,7 @@ def test_a_run_leaves_tensorboard_event_files_with_per_step_and_per_epoch_scalar
 
 @pytest.mark.slow
 def test_a_failed_attempts_steps_are_purged_and_the_logs_suit_ray(runs: Path) -> None:
-    """The attempt that failed in epoch 4 logged some of its steps; TensorBoard drops them for the
+    """The attempt killed in epoch 4 logged some of its steps; TensorBoard drops them for the
     restarted attempt's. Its job log (not a terminal) has a progress line per interval and none of
     Ray Train's "Failed to query" warnings (the session's cluster serves the state API)."""
     assert [e.step for e in _events(runs / "failing", tracking.STEPS_DIR).Scalars("step/loss")] == LOGGED_STEPS

@@ -1,4 +1,5 @@
-"""`ray job submit` to a real two-node Ray cluster on loopback: 2 workers, one per node, DeepSpeed ZeRO-2 on CPU.
+"""`ray job submit` to a real two-node Ray cluster on loopback: 2 workers, one per node, DeepSpeed ZeRO-2 on CPU;
+one worker raises mid-run and the job goes on from its checkpoint in the bucket.
 
 Both nodes are `ray start` processes on this machine (tests/ray_cluster.py: 127.0.0.2 and
 127.0.0.3) with one CPU each, so the two training workers (one CPU each) must land on
@@ -62,6 +63,7 @@ def test_ray_job_submit_two_nodes_zero2(cluster: tuple[str, dict], s3: S3, tmp_p
             f"train_shards={data}/train", f"val_shards={data}/val", f"label_overrides={data}/noise.parquet",
             f"out_dir={out_dir}", f"run_name={run_name}", "num_workers=2", "deepspeed=cluster/deepspeed/zero2-cpu.json",
             "image_size=32", "batch_size=8", "epochs=2", "scn.relabel_epoch=1",
+            "fail_at=epoch=2,step=2,rank=0",  # rank 0 raises in epoch 2: the run goes on from the bucket's checkpoint
         ]),
     ]
     job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
@@ -70,6 +72,8 @@ def test_ray_job_submit_two_nodes_zero2(cluster: tuple[str, dict], s3: S3, tmp_p
 
     lines = checkpoint.read_metrics(f"{out_dir}/{run_name}")
     assert [m["epoch"] for m in lines] == [1, 2]
+    assert "resumed_from" not in lines[0]
+    assert lines[1]["resumed_from"] == {"epoch": 1, "table_digest": lines[0]["table_digest"]}
     for line in lines:  # the relabel table was identical on both ranks after every epoch
         assert len(line["table_digests"]) == 2 and len(set(line["table_digests"])) == 1
     assert lines[-1]["relabels_total"] > 0

@@ -1,14 +1,13 @@
-"""Training survives what kills processes: a worker SIGKILLed mid-epoch, a whole node stopped.
+"""Training survives the loss of a whole node: the run goes on on the remaining one.
 
-Both run on a real two-node Ray cluster on loopback (tests/ray_cluster.py: 127.0.0.2, the
-head, and 127.0.0.3, two CPUs each), the driver a `python -m scn_scale.train --ray-address` process
-on the head, data and runs in a local directory every node sees. Tiny sets at 32 px, 2 ranks
-x 2 steps an epoch. A restarted run must go on from its last checkpoint with that
+It runs on a real two-node Ray cluster on loopback (tests/ray_cluster.py: 127.0.0.2, the
+head, and 127.0.0.3, two CPUs each), the driver a `python -m scn_scale.train --ray-address`
+process on the head, data and runs in a local directory every node sees. Tiny sets at 32 px,
+2 ranks x 2 steps an epoch. The restarted run must go on from its last checkpoint with that
 checkpoint's relabel table: the first epoch after the restart records `resumed_from` with the
-epoch and table digest it started from.
-
-The first run also checks checkpoint retention (`keep_checkpoints`) and that starting a run
-again removes the temporary files a kill left in its directory.
+epoch and table digest it started from. (A single SIGKILLed worker, checkpoint retention and
+the clean-up of a kill's temporary files are tested in tests/test_train.py; a worker that
+raises, on object storage, in tests/test_train_cluster.py.)
 """
 
 from __future__ import annotations
@@ -25,10 +24,7 @@ import pytest
 
 from ray_cluster import RayCluster, ray_cluster
 from scn_scale import checkpoint
-from scn_scale.config import TrainConfig
-from scn_scale.faults import MARKER_NAME
 from scn_scale.relabel_table import RelabelTable
-from scn_scale.train import checkpoint_config
 from shards.cli import set_flags
 from tests.conftest import write_shard_set
 
@@ -78,58 +74,12 @@ def _command(cluster: RayCluster, data: Path, out: Path, run_name: str, *setting
                         "scn.relabel_epoch=1", *settings])]
 
 
-def _train(cluster: RayCluster, data: Path, out: Path, run_name: str, *settings: str) -> None:
-    """Start the run and wait: it must end well."""
-    log = out / f"{run_name}.log"
-    with open(log, "a") as f:
-        done = subprocess.run(_command(cluster, data, out, run_name, *settings), cwd=REPO, env=cluster.env, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=540)
-    assert done.returncode == 0, log.read_text()[-5000:]
-
-
 def _resumed(lines: list[dict]) -> list[tuple[int, dict]]:
     return [(line["epoch"], line["resumed_from"]) for line in lines if "resumed_from" in line]
 
 
 def _digest(lines: list[dict], epoch: int) -> str:
     return next(line["table_digest"] for line in lines if line["epoch"] == epoch)
-
-
-def test_retention_is_rays_k_best_by_val_accuracy_and_the_latest() -> None:
-    config = checkpoint_config(TrainConfig(keep_checkpoints=2))
-    assert (config.num_to_keep, config.checkpoint_score_attribute, config.checkpoint_score_order) == (
-        2, "val_accuracy", "max")
-    assert checkpoint_config(TrainConfig(keep_checkpoints=0)).num_to_keep is None  # keep all
-
-
-def test_a_sigkilled_worker_resumes_from_the_last_checkpoint_and_its_table(
-    cluster: RayCluster, data: Path, tmp_path: Path
-) -> None:
-    run = tmp_path / "killed"
-    # Rank 1's process SIGKILLs itself at the last step of epoch 2 (by then Ray has registered epoch 1's
-    # checkpoint): no exception, no goodbye to Ray.
-    kill = "fail_at=epoch=2,step=2,rank=1,how=kill"
-    _train(cluster, data, tmp_path, "killed", "epochs=2", "keep_checkpoints=1", kill)
-    assert (run / MARKER_NAME).read_text().strip() == "epoch=2,step=2,rank=1"
-    lines = checkpoint.read_metrics(str(run))
-    assert [line["epoch"] for line in lines] == [1, 2]
-    assert _resumed(lines) == [(2, {"epoch": 1, "table_digest": _digest(lines, 1)})]
-
-    # A kill leaves temporary files; the next start of the run removes them, then resumes for a third epoch.
-    left = [run / ".metrics.jsonl.k1ll3d.tmp", run / checkpoint.checkpoint_dir_name(2) / ".model.pt.k1ll3d.tmp"]
-    for path in left:
-        path.write_bytes(b"half a file")
-    _train(cluster, data, tmp_path, "killed", "epochs=3", "keep_checkpoints=1", kill)
-    assert not any(path.exists() for path in left)
-    lines = checkpoint.read_metrics(str(run))
-    assert [line["epoch"] for line in lines] == [1, 2, 3]
-    assert _resumed(lines) == [(2, {"epoch": 1, "table_digest": _digest(lines, 1)}),
-                               (3, {"epoch": 2, "table_digest": _digest(lines, 2)})]
-
-    # keep_checkpoints=1: the best epoch by val_accuracy (a later one on a tie) and the latest, nothing else.
-    best = max(lines, key=lambda line: (line["val_accuracy"], line["epoch"]))["epoch"]
-    kept = sorted(p.name for p in run.glob("checkpoint_epoch_*"))
-    assert kept == sorted({checkpoint.checkpoint_dir_name(best), checkpoint.checkpoint_dir_name(3)})
 
 
 def test_a_stopped_node_resumes_on_the_remaining_one(cluster: RayCluster, data: Path, tmp_path: Path) -> None:
