@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)
 
+# The quick tests on two pytest workers (those on the session's in-process Ray cluster kept on one:
+# tests/conftest.py), then the slow end-to-end ones one after the other, as they were written to run.
+PYTEST := $(BIN)/python -m pytest
+
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(PYTEST) tests -m "not slow" -n 2 --dist loadgroup
+	$(PYTEST) tests -m slow
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(PYTEST) tests -m "not slow" -n 2 --dist loadgroup
 
 # The whole product on one machine: synthetic corpus -> embedded web -> crawl -> Ray Train +
 # DeepSpeed (SCN and a baseline) -> evaluation -> RAF-DB-layout fine-tuning -> report.

@@ -19,6 +19,14 @@ from shards import CANONICAL, Sample, ShardWriter, key_from_bytes
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs the quick tests on two pytest-xdist workers (`--dist loadgroup`); those on the
+    session's in-process Ray cluster form one group, so that only one worker starts that cluster."""
+    for item in items:
+        if "local_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def jpeg_bytes(rng: np.random.Generator, size: int = 32, label: int | None = None) -> bytes:
     """A small random JPEG; with `label`, its mean colour depends on the label (learnable)."""
     pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
