@@ -23,8 +23,7 @@ $(STAMP): pyproject.toml Makefile
 # tests/conftest.py), then the slow end-to-end ones one after the other, as they were written to run.
 PYTEST := $(BIN)/python -m pytest
 
-test: $(STAMP)
-	$(PYTEST) tests -m "not slow" -n 2 --dist loadgroup
+test: test-fast
 	$(PYTEST) tests -m slow
 
 test-fast: $(STAMP)
