@@ -102,7 +102,7 @@ class PlainLoop:
         self.images = images.to(self.device, memory_format=self.memory_format)
         self.labels = torch.tensor([label for _, label in pool], device=self.device)
         self.model = SCNModel(len(CANONICAL)).to(self.device, memory_format=self.memory_format)
-        self.optimizer = make_optimizer(TrainConfig(), self.model.parameters())
+        self.optimizer = make_optimizer(TrainConfig(), self.model)
 
     def epoch(self, steps: int) -> float:
         """Images/s over `steps` steps."""

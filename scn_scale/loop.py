@@ -43,7 +43,7 @@ from scn_scale.config import ConfigError, TrainConfig
 from scn_scale.data import shard_loader
 from scn_scale.faults import FaultPlan
 from scn_scale.loss import LossParts, baseline_loss, scn_loss
-from scn_scale.model import SCNOutput, build_model
+from scn_scale.model import SCNModel, SCNOutput, build_model
 from scn_scale.noise import load_overrides
 from scn_scale.predictions import Predictions, collect, summarize
 from scn_scale.relabel import BatchProposals, propose_relabels
@@ -219,13 +219,52 @@ def training_loss(
     return scn_loss(out, labels, cfg.scn, ranked), ranked, offset
 
 
-def make_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """A plain torch optimizer: DeepSpeed's own Adam variants are compiled just in time and need a compiler."""
+#: The optimizer's parameter group of the importance branch (alpha's Linear), named so the schedule can find it.
+IMPORTANCE_GROUP = "importance"
+
+
+def make_optimizer(cfg: TrainConfig, model: SCNModel) -> torch.optim.Optimizer:
+    """A plain torch optimizer: DeepSpeed's own Adam variants are compiled just in time and need a compiler.
+
+    The importance branch gets a parameter group of its own, so that `schedule_epoch` can
+    hold it still while alpha is unused (see there).
+    """
+    branch = list(model.importance.parameters())
+    ids = {id(p) for p in branch}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
+              {"params": branch, "name": IMPORTANCE_GROUP}]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def importance_trains(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether alpha is in the loss in the 1-based `epoch`: SCN after its warm-up; never for the baseline."""
+    return cfg.method == "scn" and epoch > cfg.scn.warmup_epochs
+
+
+def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> None:
+    """Set every parameter group's lr for the 1-based `epoch`; hold the importance branch while alpha is unused.
+
+    A plain torch optimizer skips a parameter whose gradient is None. DeepSpeed (ZeRO) hands
+    the optimizer flat gradient buffers instead, with zeros where nothing flowed, so the weight
+    decay alone moved the unused branch: 140 Adam steps of a warm-up took it to zero (measured),
+    and SCN then started from alpha = 0.5 everywhere instead of the network's initial branch.
+    With lr and weight decay at 0 the branch, and Adam's moments for it, stay as they are. At the
+    first epoch in which it trains its optimizer state is reset, so its first step is an
+    optimizer's first step there, as in plain PyTorch (not one scaled by a step count it never used).
+    """
+    trains = importance_trains(cfg, epoch)
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+    for group in inner.param_groups:
+        held = group.get("name") == IMPORTANCE_GROUP and not trains
+        group["lr"] = 0.0 if held else lr_at(cfg, epoch)
+        group["weight_decay"] = 0.0 if held else cfg.weight_decay
+        if group.get("name") == IMPORTANCE_GROUP and trains and epoch == cfg.scn.warmup_epochs + 1 > 1:
+            for p in group["params"]:
+                inner.state.pop(p, None)
 
 
 def build_engine(spec: WorkerSpec, device: torch.device, init: bool):
@@ -242,7 +281,7 @@ def build_engine(spec: WorkerSpec, device: torch.device, init: bool):
         log.info("init weights: %s", report.summary())
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(cfg, model.parameters()), config=spec.deepspeed)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(cfg, model), config=spec.deepspeed)
     return engine
 
 
@@ -324,8 +363,7 @@ class Worker:
         reads feed the progress display and `tracker` (rank 0's, None elsewhere).
         """
         torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, epoch)
+        schedule_epoch(self.engine.optimizer, self.cfg, epoch)
         self.engine.train()
         loader = self._loader(self.train_set, True, epoch)
         # Whole accumulation cycles only: a partial cycle's gradients would leak into the next

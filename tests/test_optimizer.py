@@ -1,0 +1,70 @@
+"""The trainer's optimizer inside a real DeepSpeed engine (ZeRO-2, CPU) steps as plain PyTorch does.
+
+The case that differed: a branch with no gradient. PyTorch's optimizers skip a parameter whose
+gradient is None; DeepSpeed hands them flat gradient buffers with zeros there, so the weight
+decay alone used to move SCN's importance branch during a warm-up (and all through a baseline run).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scn_scale.config import TrainConfig, load_config
+from scn_scale.loop import WorkerSpec, build_engine, deepspeed_config, lr_at, make_optimizer, schedule_epoch, training_loss
+from scn_scale.model import build_model
+from tests.cli_errors import REPO
+
+CLASSES = ("neutral", "happiness", "sadness", "surprise")
+CONFIG = str(REPO / "cluster" / "configs" / "cpu-small.yaml")
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, len(CLASSES), (4,), generator=g)) for _ in range(n)]
+
+
+def _importance(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.importance.parameters()]).clone()
+
+
+def test_a_warm_up_holds_the_importance_branch_and_then_steps_as_plain_pytorch(one_rank) -> None:
+    cfg = load_config(TrainConfig, CONFIG, ["num_workers=1", "batch_size=4", "scn.warmup_epochs=2",
+                                            "scn.relabel_epoch=3", "weight_decay=0.01"])
+    engine = build_engine(WorkerSpec(cfg=cfg, deepspeed=deepspeed_config(cfg), classes=CLASSES, storage="unused"),
+                          torch.device("cpu"), init=False)
+    torch.manual_seed(cfg.seed)  # as build_engine seeds: the same initial network
+    reference = build_model(cfg.model, len(CLASSES))
+    plain = make_optimizer(cfg, reference)
+    start = _importance(reference)
+    assert torch.equal(_importance(engine.module), start)
+
+    for epoch in (1, 2, 3):
+        schedule_epoch(engine.optimizer, cfg, epoch)
+        for group in plain.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        for images, labels in _batches(3):
+            parts, _, _ = training_loss(engine(images), labels, cfg, epoch)
+            engine.backward(parts.total)
+            engine.step()
+            plain.zero_grad(set_to_none=True)
+            training_loss(reference(images), labels, cfg, epoch)[0].total.backward()
+            plain.step()
+        if epoch <= cfg.scn.warmup_epochs:
+            assert torch.equal(_importance(engine.module), start), f"epoch {epoch} of the warm-up moved the branch"
+
+    assert not torch.equal(_importance(engine.module), start)  # SCN proper trains it
+    for (name, ours), theirs in zip(engine.module.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), name
+
+
+def test_a_baseline_run_never_moves_the_importance_branch(one_rank) -> None:
+    cfg = load_config(TrainConfig, CONFIG, ["num_workers=1", "batch_size=4", "method=baseline", "weight_decay=0.01"])
+    engine = build_engine(WorkerSpec(cfg=cfg, deepspeed=deepspeed_config(cfg), classes=CLASSES, storage="unused"),
+                          torch.device("cpu"), init=False)
+    start = _importance(engine.module)
+    for epoch in (1, 2):
+        schedule_epoch(engine.optimizer, cfg, epoch)
+        for images, labels in _batches(2):
+            engine.backward(training_loss(engine(images), labels, cfg, epoch)[0].total)
+            engine.step()
+    assert torch.equal(_importance(engine.module), start)
