@@ -47,7 +47,11 @@ class SCNConfig:
         "that at 0.07 and 0.15 on batches of 64)."
     )})
     delta2: float = field(default=0.2, metadata={"doc": (
-        "Relabel margin on p_max - p_label (paper and released code)."
+        "Relabel margin on p_max - p_label (paper and released code: 0.2, for a model that starts from face "
+        "recognition and is right most of the time). A model trained from random weights to 40-45% accuracy is "
+        "often confidently wrong: on the demo's faces 0.2 broke more labels than it restored, 0.6 restored more "
+        "(cluster/configs/demo.yaml). With a label_overrides table that records the truth, `audit` in "
+        "metrics.jsonl shows which way the relabels go."
     )})
     gamma: float = field(default=0.5, metadata={"doc": (
         "Loss mix. The paper writes gamma * L_RR + (1 - gamma) * L_WCE; the released code uses L_WCE + L_RR. "

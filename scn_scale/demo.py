@@ -9,11 +9,12 @@ From search queries to a trained and evaluated SCN, with nothing from the intern
    web's ground truth, joined to the crawl's manifest by URL, says which crawl labels are
    wrong, written as a label-override table so training can audit itself;
 4. a local Ray cluster on 127.0.0.1; `scn_scale.train` trains SCN and the plain
-   cross-entropy baseline on the crawl side by side with the same budget (2 workers each,
-   DeepSpeed on CPU);
+   cross-entropy baseline on the crawl side by side with the same budget (one DeepSpeed
+   worker each on CPU: a core each, nothing to all-reduce);
 5. `scn_scale.evaluate` scores both on the clean test set;
 6. the RAF-DB-layout tree is imported (`scn_scale.importers rafdb`) and fine-tuned from the
-   crawl-pretrained SCN and from scratch, same budget; both evaluated;
+   crawl-pretrained SCN and from scratch, same budget, two workers each (the relabel table
+   merged and checked on both ranks every epoch); both evaluated;
 7. the report (`scn_scale.demo_report`): what SCN did, measured against the ground truth.
 
 Every stage runs the project's own command line in a child process, as a user would (and
@@ -73,40 +74,61 @@ class DemoScale:
     test_per_class: int  # clean test faces per class, other people than the pool's
     rafdb_per_class: int  # RAF-DB-layout faces per class (7 classes, 20% of them test, split by person)
     epochs: int  # crawl training, SCN and baseline alike
+    warmup_epochs: int  # SCN's cross-entropy warm-up on the crawl (scn.warmup_epochs)
     relabel_epoch: int  # first epoch SCN relabels in (1-based)
     finetune_epochs: int  # RAF-DB-layout fine-tuning, pretrained and scratch alike
+    finetune_warmup_epochs: int
     finetune_relabel_epoch: int
     image_size: int  # training input (the crawl's crops are 112 px, RAF-DB's 100 px)
-    batch_size: int  # per rank
+    batch_size: int  # the batch of one optimizer step, split over a run's ranks
     noise: float = 0.3  # share of each query's results from other classes
     # Which images are filed under other classes: the ambiguous ones (weak expressions), as on the
     # web, where label noise follows the image (see crawler.localweb); "uniform" draws them regardless.
     noise_pick: str = "ambiguous"
     broken: float = 0.05  # broken links (404)
     duplicates: float = 0.05  # images served a second time under another id
-    workers: int = 2  # Ray Train workers per run; the Ray cluster has CPUs for two runs at once
+    # Ray Train workers per run; the compared runs train side by side. On the crawl one rank per run:
+    # each run has a core of its own and no gradient all-reduce. The fine-tuning runs take two ranks
+    # each, so the demo also trains with the relabel table synchronized across ranks.
+    workers: int = 1
+    finetune_workers: int = 2
+
+    @property
+    def cluster_cpus(self) -> int:
+        """The Ray cluster's logical CPUs: one per Ray Train worker, for two runs at a time."""
+        return 2 * max(self.workers, self.finetune_workers)
 
     def validate(self) -> DemoScale:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int) and f.name != "name" and value < 1:
-                raise ValueError(f"demo scale {self.name}: {f.name} must be >= 1, got {value}")
+            least = 0 if f.name.endswith("warmup_epochs") else 1
+            if isinstance(value, int) and value < least:
+                raise ValueError(f"demo scale {self.name}: {f.name} must be >= {least}, got {value}")
+        for warmup, relabel in (("warmup_epochs", "relabel_epoch"), ("finetune_warmup_epochs", "finetune_relabel_epoch")):
+            if getattr(self, relabel) <= getattr(self, warmup):
+                raise ValueError(f"demo scale {self.name}: {relabel} must come after the {warmup}")
+        for workers in (self.workers, self.finetune_workers):
+            if self.batch_size % workers:
+                raise ValueError(f"demo scale {self.name}: batch_size {self.batch_size} must split evenly over {workers} ranks")
         if self.rafdb_per_class < 5:
             raise ValueError(f"demo scale {self.name}: rafdb_per_class must be >= 5 so every class has a test face")
         return self
 
 
 SCALES: dict[str, DemoScale] = {
-    # Under 15 minutes on 2 cores (measured; see the README). relabel_epoch: half the epochs
-    # without relabeling, half with (cluster/configs/demo.yaml says what SCN has learnt by then).
+    # Under 15 minutes on 2 cores (measured; see the README). The recipe from random weights:
+    # cross-entropy until the network has fit the clean majority, then SCN, relabeling from the
+    # next epoch on (cluster/configs/demo.yaml says why, with the measurements).
     "default": DemoScale(
-        name="default", pool_per_class=140, test_per_class=40, rafdb_per_class=70, epochs=8, relabel_epoch=5,
-        finetune_epochs=4, finetune_relabel_epoch=3, image_size=64, batch_size=32,
+        name="default", pool_per_class=300, test_per_class=100, rafdb_per_class=70, epochs=10, warmup_epochs=4,
+        relabel_epoch=5, finetune_epochs=4, finetune_warmup_epochs=1, finetune_relabel_epoch=3, image_size=48,
+        batch_size=64,
     ),
     # The slow test's size: every stage and every file in minutes; its numbers mean little.
     "tiny": DemoScale(
-        name="tiny", pool_per_class=12, test_per_class=4, rafdb_per_class=10, epochs=2, relabel_epoch=2,
-        finetune_epochs=1, finetune_relabel_epoch=1, image_size=32, batch_size=8,
+        name="tiny", pool_per_class=12, test_per_class=4, rafdb_per_class=10, epochs=2, warmup_epochs=1,
+        relabel_epoch=2, finetune_epochs=1, finetune_warmup_epochs=0, finetune_relabel_epoch=1, image_size=32,
+        batch_size=8,
     ),
 }
 
@@ -437,11 +459,14 @@ RUNS = {
 class Demo:
     """The seven stages, in order; `run()` returns the results the report is written from."""
 
-    def __init__(self, out: Path, scale: DemoScale, supervisor: Supervisor, config: Path = DEFAULT_CONFIG) -> None:
+    def __init__(self, out: Path, scale: DemoScale, supervisor: Supervisor, config: Path = DEFAULT_CONFIG,
+                 seed: int | None = None) -> None:
         self.paths = Paths(out)
         self.scale = scale.validate()
         self.sup = supervisor
         self.config = config
+        # Every training run's seed: the config's unless given.
+        self.seed = int(yaml.safe_load(config.read_text()).get("seed", 0)) if seed is None else seed
         self.python = sys.executable
         self.start = time.monotonic()
         self.timings: dict[str, float] = {}
@@ -449,7 +474,7 @@ class Demo:
         self.web_url = ""
         self.ray_address = ""
         self.ray_temp: Path | None = None  # Ray's session files (outside --out: Ray's socket paths must stay short)
-        self.results: dict[str, Any] = {"scale": dataclasses.asdict(scale), "config": str(config)}
+        self.results: dict[str, Any] = {"scale": dataclasses.asdict(scale), "config": str(config), "seed": self.seed}
 
     @contextlib.contextmanager
     def stage(self, title: str) -> Iterator[None]:
@@ -541,7 +566,7 @@ class Demo:
             f"--dashboard-agent-listen-port={ports[3]}", f"--dashboard-agent-grpc-port={ports[4]}",
             f"--runtime-env-agent-port={ports[5]}", f"--metrics-export-port={ports[6]}",
             f"--node-manager-port={ports[7]}", f"--object-manager-port={ports[8]}",
-            f"--num-cpus={2 * self.scale.workers}", "--num-gpus=0", f"--object-store-memory={300 * 1024**2}",
+            f"--num-cpus={self.scale.cluster_cpus}", "--num-gpus=0", f"--object-store-memory={300 * 1024**2}",
             f"--temp-dir={self.ray_temp}",
         ], echo=False, ready="Ray runtime started", graceful=True, env={
             # On Linux Ray replaces --node-ip-address=127.0.0.1 by the machine's network address
@@ -556,21 +581,24 @@ class Demo:
         })
         head.wait_ready(timeout=180)
         self.ray_address = address
-        print(f"Ray head at {self.ray_address} ({2 * self.scale.workers} CPUs, loopback only; pid {head.pid})", flush=True)
+        print(f"Ray head at {self.ray_address} ({self.scale.cluster_cpus} CPUs, loopback only; pid {head.pid})", flush=True)
         return head
 
-    def train_pair(self, runs: Sequence[tuple[str, Sequence[str]]]) -> None:
-        """Train the compared runs side by side, each with its own workers, the same budget and seed.
+    def train_pair(self, runs: Sequence[tuple[str, Sequence[str]]], workers: int) -> None:
+        """Train the compared runs side by side, each with `workers` ranks, the same budget and seed.
 
         A run spends much of its wall time starting (imports in the driver and in every worker,
         rendezvous, DeepSpeed set-up) and between epochs (validation, checkpoints) with a core
-        idle; two at once fill those gaps (tiny demo: 3:16 of training down to 3:02) and give
-        the same numbers as one after the other (the runs are seeded, measured identical).
+        idle; two at once fill those gaps and give the same numbers as one after the other (the
+        runs are seeded, measured identical). On the crawl each run has one rank: two 2-rank
+        runs on 2 cores trained about 54 images/s between them (four processes time-slicing two
+        cores, and a gloo all-reduce of ResNet-18's gradients every step); two 1-rank runs train
+        45-60 images/s each, and wait 0.4-0.7 s an epoch for data out of about 40 s.
         """
         s = self.scale
         ds = yaml.safe_load(self.config.read_text()).get("deepspeed", "")
-        common = [f"out_dir={self.paths.runs}", f"num_workers={s.workers}", f"image_size={s.image_size}",
-                  f"batch_size={s.batch_size}"]
+        common = [f"out_dir={self.paths.runs}", f"num_workers={workers}", f"image_size={s.image_size}",
+                  f"batch_size={s.batch_size // workers}", f"seed={self.seed}"]
         if isinstance(ds, str) and ds and not Path(ds).is_absolute():
             common.append(f"deepspeed={ROOT / ds}")
         self.sup.run_all(
@@ -586,8 +614,8 @@ class Demo:
     def train_crawl(self) -> None:
         s, p = self.scale, self.paths
         common = [f"train_shards={p.crawl}", f"val_shards={p.test_shards}", f"label_overrides={p.noise_table}",
-                  f"epochs={s.epochs}", f"scn.relabel_epoch={s.relabel_epoch}"]
-        self.train_pair([("scn", ["method=scn", *common]), ("baseline", ["method=baseline", *common])])
+                  f"epochs={s.epochs}", f"scn.warmup_epochs={s.warmup_epochs}", f"scn.relabel_epoch={s.relabel_epoch}"]
+        self.train_pair([("scn", ["method=scn", *common]), ("baseline", ["method=baseline", *common])], s.workers)
 
     # 5 and 6
     def evaluate(self, runs: Sequence[str], shards: Path) -> None:
@@ -606,9 +634,10 @@ class Demo:
         self.sup.run("import-rafdb", self._py(
             "scn_scale.importers", "rafdb", "--root", p.rafdb_tree, "--out", p.rafdb_shards))
         common = [f"train_shards={p.rafdb_shards / 'train'}", f"val_shards={p.rafdb_shards / 'test'}",
-                  f"epochs={s.finetune_epochs}", f"scn.relabel_epoch={s.finetune_relabel_epoch}", "method=scn"]
+                  f"epochs={s.finetune_epochs}", f"scn.warmup_epochs={s.finetune_warmup_epochs}",
+                  f"scn.relabel_epoch={s.finetune_relabel_epoch}", "method=scn"]
         self.train_pair([("finetune-crawl", [f"init={final_model(p.runs / 'scn')}", *common]),
-                         ("finetune-scratch", common)])
+                         ("finetune-scratch", common)], s.finetune_workers)
 
     def run(self) -> dict[str, Any]:
         with self.stage("synthetic faces: the web's pool, a clean test set, a RAF-DB-layout tree"):
@@ -617,12 +646,14 @@ class Demo:
             web = self.serve_web()
         with self.stage("crawl it (crawler.build, default query taxonomy, faces none); import the clean test set"):
             self.crawl(web)
-        with self.stage("train on the crawl: local Ray cluster, SCN and baseline, 2 workers x DeepSpeed on CPU"):
+        with self.stage(f"train on the crawl: local Ray cluster, SCN and baseline side by side, "
+                        f"{self.scale.workers} DeepSpeed worker(s) each on CPU"):
             head = self.start_cluster()
             self.train_crawl()
         with self.stage("evaluate SCN and baseline on the clean test set"):
             self.evaluate(["scn", "baseline"], self.paths.test_shards)
-        with self.stage("fine-tune on a RAF-DB-layout benchmark: crawl-pretrained vs from scratch"):
+        with self.stage(f"fine-tune on a RAF-DB-layout benchmark: crawl-pretrained vs from scratch, "
+                        f"{self.scale.finetune_workers} workers each"):
             self.finetune()
             self.sup.stop(head, grace=45.0)
             print("Ray cluster stopped", flush=True)
@@ -867,7 +898,8 @@ def child_env() -> dict[str, str]:
 
 
 def run_demo(
-    out: str | Path, scale: DemoScale, config: Path = DEFAULT_CONFIG, on_cleanup: Callable[[], None] = lambda: None
+    out: str | Path, scale: DemoScale, config: Path = DEFAULT_CONFIG, on_cleanup: Callable[[], None] = lambda: None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo into `out`; returns its results (also in out/report/results.json).
 
@@ -879,7 +911,7 @@ def run_demo(
     out = Path(out).resolve()
     prepare_out(out)
     sup = Supervisor(out / "logs", child_env())
-    demo = Demo(out, scale, sup, config)
+    demo = Demo(out, scale, sup, config, seed)
     try:
         return demo.run()
     finally:
@@ -926,6 +958,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", choices=sorted(SCALES), default="default",
                         help="default: the full demo (under 15 minutes on 2 cores); tiny: every stage in minutes")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the training seed of every run (model init, data order, augmentation); default: the "
+                             "config's. The crawl and the faces do not change with it")
     add_log_level(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -947,7 +982,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        results = run_demo(args.out, SCALES[args.scale], Path(args.config), on_cleanup=lambda: stopping.append("cleanup"))
+        results = run_demo(args.out, SCALES[args.scale], Path(args.config), on_cleanup=lambda: stopping.append("cleanup"),
+                           seed=args.seed)
     except Interrupted as exc:
         print(f"\ninterrupted ({exc}): every process the demo started has been stopped", file=sys.stderr)
         return 130

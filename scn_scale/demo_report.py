@@ -49,19 +49,28 @@ def _epoch_axis(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_accuracy(runs: dict, relabel_epoch: int, finetune_relabel_epoch: int, path: Path) -> None:
-    """Test accuracy per epoch: SCN against the baseline on the crawl; pretrained against scratch on RAF-DB layout."""
+def plot_accuracy(runs: dict, scale: dict, path: Path) -> None:
+    """Test accuracy per epoch: SCN against the baseline on the crawl; pretrained against scratch on RAF-DB layout.
+
+    SCN's warm-up (plain cross-entropy, so the same curve as the baseline's) is shaded, and
+    the first epoch it relabels in marked.
+    """
     fig = Figure(figsize=(11, 4), layout="constrained")
     panels = (
-        (("scn", "baseline"), "trained on the crawl: clean test set", relabel_epoch),
-        (("finetune-crawl", "finetune-scratch"), "RAF-DB layout: its test split", finetune_relabel_epoch),
+        (("scn", "baseline"), "trained on the crawl: clean test set", scale.get("warmup_epochs", 0),
+         scale["relabel_epoch"]),
+        (("finetune-crawl", "finetune-scratch"), "RAF-DB layout: its test split", scale.get("finetune_warmup_epochs", 0),
+         scale["finetune_relabel_epoch"]),
     )
-    for i, (names, title, relabel) in enumerate(panels):
+    for i, (names, title, warmup, relabel) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         for name, style in zip(names, ("-o", "--s")):
             xs, ys = _curve(runs[name]["metrics"], "val_accuracy")
             ax.plot(xs, ys, style, label=f"{runs[name]['title']} (last {ys[-1]:.1%})" if ys else name)
         last = max((m["epoch"] for n in names for m in runs[n]["metrics"]), default=1)
+        if warmup:
+            ax.axvspan(0.5, min(warmup, last) + 0.5, color="tab:gray", alpha=0.12,
+                       label="SCN's cross-entropy warm-up (" + (f"epochs 1-{warmup})" if warmup > 1 else "epoch 1)"))
         if relabel <= last:
             ax.axvline(relabel, color="tab:gray", linestyle=":", label=f"SCN relabels from epoch {relabel}")
         _epoch_axis(ax)
@@ -287,7 +296,8 @@ def markdown(results: dict, h: dict) -> str:
         "doubtful ones weigh less, and relabels samples the model confidently disagrees with. This "
         "run crawled an embedded web whose search results are partly wrong, trained SCN and a plain "
         "cross-entropy baseline on the crawl, and measured what SCN did against the web's ground truth. "
-        f"Scale `{scale['name']}`; every number below is what this run measured.",
+        f"Scale `{scale['name']}`, training seed {results.get('seed', '-')}; every number below is what this run "
+        "measured.",
         "",
         "## What SCN did",
         "",
@@ -313,8 +323,9 @@ def markdown(results: dict, h: dict) -> str:
         "",
         "Accuracies are the last epoch's, evaluated by `scn_scale.evaluate`; no epoch was selected on a test set. "
         "The per-epoch curves are the trainer's validation on the same test sets. SCN and the baseline both "
-        "start from random weights (the paper starts from a face-recognition model); the fine-tuning runs "
-        "compare crawl pretraining with no pretraining.",
+        "start from random weights (the paper starts from a face-recognition model), with the same epochs, "
+        "images, input size and seeds; " + _recipe(scale) + " The fine-tuning runs compare crawl pretraining "
+        "with no pretraining.",
         "",
         f"![accuracy per epoch]({ACCURACY_PNG})",
         "",
@@ -387,19 +398,42 @@ def markdown(results: dict, h: dict) -> str:
         "scores the saved model file. Where the two differ in the last epoch, the report's final numbers are "
         "the evaluation's.",
         "",
-        "| run | epochs | test accuracy (evaluate) | trainer's last validation | mean class accuracy | evaluation "
-        "| model |",
-        "|---|---|---|---|---|---|---|",
+        "Every epoch each rank merges the relabels of all ranks into its copy of the relabel table and "
+        "checks its digest against the others'; the ranks column says whether the copies were identical "
+        "after every epoch.",
+        "",
+        "| run | epochs | ranks (relabel table identical on all) | test accuracy (evaluate) | trainer's last "
+        "validation | mean class accuracy | evaluation | model |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs.values():
         last = run["metrics"][-1]["val_accuracy"] if run["metrics"] else None
-        lines.append(f"| {run['title']} | {len(run['metrics'])} | {_pct(run['eval']['accuracy'])} | {_pct(last)} | "
+        lines.append(f"| {run['title']} | {len(run['metrics'])} | {_ranks(run['metrics'])} | "
+                     f"{_pct(run['eval']['accuracy'])} | {_pct(last)} | "
                      f"{_pct(run['eval']['mean_class_accuracy'])} | `{run['eval_dir']}` | `{run['model']}` |")
     lines += ["", "| stage | wall time |", "|---|---|"]
     lines += [f"| {title} | {seconds:.0f} s |" for title, seconds in results["timings"].items()]
     lines += [f"| total, to this report | {results['elapsed_s']:.0f} s |", "",
               f"Sizes: `{scale}`; training config `{results['config']}`.", ""]
     return "\n".join(lines)
+
+
+def _recipe(scale: dict) -> str:
+    """SCN's schedule on the crawl, in words: the warm-up is a deviation from the released code."""
+    if not scale.get("warmup_epochs"):
+        return f"SCN relabels from epoch {scale['relabel_epoch']}."
+    return (f"SCN trains as plain cross-entropy for its first {scale['warmup_epochs']} epochs (alpha held at 1, no "
+            f"rank loss: `scn.warmup_epochs`, a deviation from the released code, which starts from a face-recognition "
+            f"model) and relabels from epoch {scale['relabel_epoch']}.")
+
+
+def _ranks(metrics: Sequence[dict]) -> str:
+    """'2 (yes)': the run's ranks, and whether every epoch's relabel table digest was the same on all of them."""
+    digests = [m.get("table_digests") for m in metrics]
+    if not digests or not all(digests):
+        return "-"
+    same = all(len(set(d)) == 1 for d in digests)
+    return f"{len(digests[-1])} ({'yes' if same else 'NO'})"
 
 
 def _fmt(value: float | None) -> str:
@@ -416,7 +450,7 @@ def write_report(results: dict, alpha: np.ndarray, noisy: np.ndarray, out: Path)
     h = headline(results)
     results = {**results, "headline": h, "pngs": list(PNGS)}
     runs, scale = results["runs"], results["scale"]
-    plot_accuracy(runs, scale["relabel_epoch"], scale["finetune_relabel_epoch"], out / ACCURACY_PNG)
+    plot_accuracy(runs, scale, out / ACCURACY_PNG)
     plots.plot_alpha(np.asarray(alpha), out / ALPHA_PNG, np.asarray(noisy, dtype=bool))
     plot_intensity(results["alpha_by_intensity"], out / INTENSITY_PNG)
     plot_training(runs["scn"]["metrics"], out / TRAINING_PNG)

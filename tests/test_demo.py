@@ -9,6 +9,7 @@ same of its clean-up.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -62,10 +63,15 @@ def test_default_scale_is_the_demo_config():
     """The sizes in cluster/configs/demo.yaml are the default scale's (one recipe, two places to read it)."""
     cfg = yaml.safe_load(demo.DEFAULT_CONFIG.read_text())
     s = demo.SCALES["default"]
-    assert (cfg["epochs"], cfg["image_size"], cfg["batch_size"], cfg["num_workers"], cfg["scn"]["relabel_epoch"]) == (
-        s.epochs, s.image_size, s.batch_size, s.workers, s.relabel_epoch)
+    assert (cfg["epochs"], cfg["image_size"], cfg["batch_size"] * cfg["num_workers"], cfg["num_workers"],
+            cfg["scn"]["warmup_epochs"], cfg["scn"]["relabel_epoch"]) == (
+        s.epochs, s.image_size, s.batch_size, s.workers, s.warmup_epochs, s.relabel_epoch)
     for scale in demo.SCALES.values():
         scale.validate()
+    with pytest.raises(ValueError, match="relabel_epoch must come after the warmup_epochs"):
+        dataclasses.replace(s, warmup_epochs=s.relabel_epoch).validate()
+    with pytest.raises(ValueError, match="must split evenly over 2 ranks"):
+        dataclasses.replace(s, batch_size=63).validate()
 
 
 def test_crawl_noise_joins_the_manifest_to_the_ground_truth_by_url():
