@@ -143,6 +143,7 @@ def save(
         "table_size": len(table),
         "world_size": world_size,
         "zero_stage": engine.zero_optimization_stage(),
+        "optimizer_groups": len(engine.optimizer.param_groups),
         "seed": cfg.seed,
         "data_order": "shards dealt by (seed, epoch); torch reseeded from (seed, epoch, rank) each epoch",
     }
@@ -212,6 +213,13 @@ def load(directory: str, engine: DeepSpeedEngine, world_size: int, index: Sample
         raise CheckpointError(
             f"{directory} was written by {state['world_size']} ranks with ZeRO stage {state['zero_stage']}, "
             f"which partitions optimizer state by rank; resume it with num_workers={state['world_size']}"
+        )
+    # Checkpoints from before the importance branch had a parameter group of its own record none: one group.
+    saved_groups, groups = state.get("optimizer_groups", 1), len(engine.optimizer.param_groups)
+    if saved_groups != groups:
+        raise CheckpointError(
+            f"{directory}: its optimizer state has {saved_groups} parameter group(s), this trainer's optimizer "
+            f"{groups}, so it cannot resume; start a new run from its weights with init={os.path.join(directory, MODEL_FILE)}"
         )
     deepspeed_dir = os.path.join(directory, DEEPSPEED_DIR)
     missing = CheckpointError(f"{directory}: no DeepSpeed checkpoint with tag {state['tag']!r}")

@@ -97,6 +97,11 @@ def test_a_tampered_table_or_tag_is_refused(saved, tmp_path: Path) -> None:
     with pytest.raises(checkpoint.CheckpointError, match="resume it with num_workers=4"):
         checkpoint.load(str(bad), engine, world_size=1)
 
+    older = {k: v for k, v in state.items() if k != "optimizer_groups"}  # written before the groups were recorded
+    (bad / checkpoint.STATE_FILE).write_text(json.dumps(older))
+    with pytest.raises(checkpoint.CheckpointError, match="1 parameter group.*optimizer 2, so it cannot resume.*init="):
+        checkpoint.load(str(bad), engine, world_size=1)
+
     (bad / checkpoint.STATE_FILE).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
         checkpoint.load(str(bad), engine, world_size=1)
