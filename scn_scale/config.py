@@ -62,8 +62,9 @@ class SCNConfig:
         "code: 10). After the warm-up, if there is one."
     )})
     warmup_epochs: int = field(default=0, metadata={"doc": (
-        "Epochs of plain cross-entropy before SCN proper: the importance branch is held at alpha = 1 (no "
-        "gradient) and the rank loss is off, so the network first fits the clean majority. A deviation from the "
+        "Epochs of plain cross-entropy before SCN proper: the loss takes the unscaled logits (alpha = 1), the "
+        "importance branch is held as initialized (no gradient, no weight decay) and the rank loss is off, so the "
+        "network first fits the clean majority. A deviation from the "
         "released code, which starts from a face-recognition ResNet-18 that already separates faces; from random "
         "weights, SCN's alpha collapses towards 0 early, scales the logits and their gradients down, and "
         "relabeling then acts on a model near chance (README, \"Known limits\"). 0 = the released code."
