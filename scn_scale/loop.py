@@ -202,6 +202,11 @@ def read_train_index(cfg: TrainConfig) -> tuple[ManifestIndex, TrainLabels | Non
     return train_index, TrainLabels(given=given, truth=truth)
 
 
+def importance_trains(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether alpha is in the loss in the 1-based `epoch`: SCN after its warm-up; never for the baseline."""
+    return cfg.method == "scn" and epoch > cfg.scn.warmup_epochs
+
+
 def training_loss(
     out: SCNOutput, labels: torch.Tensor, cfg: TrainConfig, epoch: int
 ) -> tuple[LossParts, torch.Tensor | None, int | None]:
@@ -212,7 +217,7 @@ def training_loss(
     `method: baseline`, and SCN during its `scn.warmup_epochs`, is plain cross-entropy on
     the unscaled logits: alpha is computed but receives no gradient, and there is no rank loss.
     """
-    if cfg.method == "baseline" or epoch <= cfg.scn.warmup_epochs:
+    if not importance_trains(cfg, epoch):
         loss = baseline_loss(out.logits, labels)
         return LossParts(loss, loss.detach(), loss.new_zeros(())), None, None
     ranked, offset = sync.gather_alpha(out.alpha) if cfg.scn.rank_scope == "global" else (None, None)
@@ -240,11 +245,6 @@ def make_optimizer(cfg: TrainConfig, model: SCNModel) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def importance_trains(cfg: TrainConfig, epoch: int) -> bool:
-    """Whether alpha is in the loss in the 1-based `epoch`: SCN after its warm-up; never for the baseline."""
-    return cfg.method == "scn" and epoch > cfg.scn.warmup_epochs
-
-
 def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> None:
     """Set every parameter group's lr for the 1-based `epoch`; hold the importance branch while alpha is unused.
 
@@ -259,10 +259,11 @@ def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: in
     trains = importance_trains(cfg, epoch)
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
     for group in inner.param_groups:
-        held = group.get("name") == IMPORTANCE_GROUP and not trains
+        branch = group.get("name") == IMPORTANCE_GROUP
+        held = branch and not trains
         group["lr"] = 0.0 if held else lr_at(cfg, epoch)
         group["weight_decay"] = 0.0 if held else cfg.weight_decay
-        if group.get("name") == IMPORTANCE_GROUP and trains and epoch == cfg.scn.warmup_epochs + 1 > 1:
+        if branch and trains and epoch == cfg.scn.warmup_epochs + 1 > 1:
             for p in group["params"]:
                 inner.state.pop(p, None)
 
