@@ -465,8 +465,9 @@ class Demo:
         self.scale = scale.validate()
         self.sup = supervisor
         self.config = config
+        self.settings: dict[str, Any] = yaml.safe_load(config.read_text())  # the training config, read once
         # Every training run's seed: the config's unless given.
-        self.seed = int(yaml.safe_load(config.read_text()).get("seed", 0)) if seed is None else seed
+        self.seed = int(self.settings.get("seed", 0)) if seed is None else seed
         self.python = sys.executable
         self.start = time.monotonic()
         self.timings: dict[str, float] = {}
@@ -596,7 +597,7 @@ class Demo:
         45-60 images/s each, and wait 0.4-0.7 s an epoch for data out of about 40 s.
         """
         s = self.scale
-        ds = yaml.safe_load(self.config.read_text()).get("deepspeed", "")
+        ds = self.settings.get("deepspeed", "")
         common = [f"out_dir={self.paths.runs}", f"num_workers={workers}", f"image_size={s.image_size}",
                   f"batch_size={s.batch_size // workers}", f"seed={self.seed}"]
         if isinstance(ds, str) and ds and not Path(ds).is_absolute():
