@@ -17,7 +17,6 @@ split named) and the relabel flow.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 import yaml
@@ -269,7 +267,7 @@ def write_report(
     """predictions.parquet, the plots, then report.json and report.md (which name the plots) into cfg.out."""
     out = Path(cfg.out)
     classes = result["classes"]
-    _write_predictions(pred, classes, out / "predictions.parquet")
+    write_parquet(out / "predictions.parquet", pred.to_table(classes))
     result["plots"] = {"confusion": plots.CONFUSION_PNG, "alpha": plots.ALPHA_PNG}
     plots.plot_confusion(result["confusion_matrix"], classes, out / plots.CONFUSION_PNG,
                          f"{Path(cfg.shards).name}: accuracy {result['accuracy']:.2%}")
@@ -310,19 +308,6 @@ def _to_shared_labels(pred: Predictions, set_classes: list[str], classes: list[s
         alpha=pred.alpha[keep],
     )
     return kept, int((~keep).sum())
-
-
-def _write_predictions(pred: Predictions, classes: list[str], path: Path) -> None:
-    table = pa.table(
-        {
-            "key": pa.array(pred.keys, pa.string()),
-            "label": pa.array(pred.labels.astype(np.int64)),
-            "pred": pa.array(pred.preds.astype(np.int64)),
-            "alpha": pa.array(pred.alpha.astype(np.float64)),
-            "probs": pa.array(pred.probs.astype(np.float64).tolist(), pa.list_(pa.float64())),
-        }
-    )
-    write_parquet(path, table.replace_schema_metadata({"classes": json.dumps(classes)}))
 
 
 # -- training runs ---------------------------------------------------------------------

@@ -45,7 +45,7 @@ from scn_scale.faults import FaultPlan
 from scn_scale.loss import LossParts, baseline_loss, scn_loss
 from scn_scale.model import SCNModel, SCNOutput, build_model
 from scn_scale.noise import load_overrides
-from scn_scale.predictions import Predictions, collect, summarize
+from scn_scale.predictions import Predictions, collect, summarize, write_epoch_predictions
 from scn_scale.relabel import BatchProposals, propose_relabels
 from scn_scale.relabel_table import ManifestIndex, RelabelTable
 from scn_scale.weights import load_weights
@@ -504,6 +504,7 @@ class Worker:
         line = None
         if self.rank == 0:
             line = self.epoch_line(epoch, ranks, end, val, val_skipped)
+            write_epoch_predictions(self.spec.run_dir, epoch, val, self.spec.classes)
             metrics_file.append(line)
             if tracker is not None:
                 tracker.end_epoch(line)

@@ -272,12 +272,20 @@ def write_alpha_part(run: str, epoch: int, rank: int, keys: pa.Array, alpha: Ten
     Atomic on a local file system; object stores publish whole objects anyway.
     """
     url = alpha_part_url(run, epoch, rank)
-    table = pa.table({"key": keys, "alpha": pa.array(np.asarray(alpha, dtype=np.float32))})
+    write_run_table(url, pa.table({"key": keys, "alpha": pa.array(np.asarray(alpha, dtype=np.float32))}))
+    return url
+
+
+def write_run_table(url: str, table: pa.Table) -> None:
+    """Write a per-sample table into a run directory, local or in object storage.
+
+    Atomic on a local file system; object stores publish whole objects anyway. No
+    dictionary encoding: the key column is unique, where a dictionary only costs time.
+    """
     fs, path = open_fs(url)
     if "file" in fs.protocol:
         with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, use_dictionary=False)  # unique keys: a dictionary only costs time
+            pq.write_table(table, tmp, use_dictionary=False)
     else:
         with fs.open(path, "wb") as f:
             pq.write_table(table, f, use_dictionary=False)
-    return url

@@ -9,13 +9,19 @@ evaluation path (validation during training, `scn_scale.evaluate`) therefore col
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 from typing import Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from scn_scale import metrics
 from scn_scale.model import SCNModel
+from shards.fs import join
+
+#: A training run's validation predictions, one file per epoch: `run/predictions/epoch_NNNN.parquet`.
+PREDICTIONS_DIR = "predictions"
 
 
 @dataclass
@@ -41,6 +47,19 @@ class Predictions:
             probs=np.concatenate([p.probs for p in parts]),
             alpha=np.concatenate([p.alpha for p in parts]),
         )
+
+    def to_table(self, classes: Sequence[str]) -> pa.Table:
+        """One row per sample (key, label, pred, alpha, probs), the class list in the schema's metadata."""
+        table = pa.table(
+            {
+                "key": pa.array(self.keys, pa.string()),
+                "label": pa.array(self.labels.astype(np.int64)),
+                "pred": pa.array(self.preds.astype(np.int64)),
+                "alpha": pa.array(self.alpha.astype(np.float64)),
+                "probs": pa.array(self.probs.astype(np.float64).tolist(), pa.list_(pa.float64())),
+            }
+        )
+        return table.replace_schema_metadata({"classes": json.dumps(list(classes))})
 
     def dedupe(self) -> "Predictions":
         """One row per key (the first seen), sorted by key so the result is order-independent."""
@@ -95,3 +114,18 @@ def summarize(pred: Predictions, classes: Sequence[str], noisy_keys: set[str] | 
         "classes": list(classes),
         "alpha": metrics.alpha_stats(pred.alpha, noisy),
     }
+
+
+def epoch_predictions_url(run: str, epoch: int) -> str:
+    """Where a training run keeps epoch `epoch`'s validation predictions (rank 0 writes them).
+
+    Kept so that two runs scored on one validation set can be compared sample by sample
+    (`metrics.paired_accuracy_gap`), which a pair of accuracies cannot.
+    """
+    return join(run.rstrip("/"), f"{PREDICTIONS_DIR}/epoch_{epoch:04d}.parquet")
+
+
+def write_epoch_predictions(run: str, epoch: int, pred: Predictions, classes: Sequence[str]) -> str:
+    url = epoch_predictions_url(run, epoch)
+    metrics.write_run_table(url, pred.to_table(classes))
+    return url

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -27,6 +28,7 @@ from scn_scale.loop import deepspeed_config, training_loss
 from scn_scale.loss import scn_loss
 from scn_scale.model import SCNModel
 from scn_scale.noise import make_noise, save_overrides
+from scn_scale.predictions import epoch_predictions_url
 from scn_scale.relabel_table import RelabelTable
 from scn_scale.train import checkpoint_config, main, parser, prepare
 from scn_scale.weights import load_model_file, save_model_file
@@ -303,6 +305,15 @@ def test_every_rank_holds_the_same_table_every_epoch(run_a: list[dict], runs: Pa
     model, classes, extra = load_model_file(str(final / checkpoint.MODEL_FILE))
     assert classes == list(CLASSES) and extra["table_digest"] == run_a[-1]["table_digest"]
     assert model.eval()(torch.zeros(1, 3, 32, 32)).logits.shape == (1, len(CLASSES))
+
+
+@pytest.mark.slow
+def test_each_epochs_validation_predictions_are_kept_and_give_its_accuracy(run_a: list[dict], runs: Path) -> None:
+    for line in run_a:
+        table = pq.read_table(epoch_predictions_url(str(runs / "a"), line["epoch"])).to_pydict()
+        assert len(set(table["key"])) == len(table["key"]) == line["val"]["samples"]
+        correct = np.array(table["pred"]) == np.array(table["label"])
+        assert correct.mean() == pytest.approx(line["val_accuracy"])
 
 
 @pytest.mark.slow
