@@ -69,6 +69,15 @@ class SCNConfig:
         "weights, SCN's alpha collapses towards 0 early, scales the logits and their gradients down, and "
         "relabeling then acts on a model near chance (README, \"Known limits\"). 0 = the released code."
     )})
+    relabel_confirm: int = field(default=2, metadata={"doc": (
+        "Consecutive epochs that must propose the same new label for a sample before it is applied. 1 is the "
+        "released code's rule: one augmented view's confident error relabels a sample, and from then on it "
+        "changes about as many clean labels as it restores, every epoch (measured: bench/README.md, "
+        "relabel_rule). 2 (the default) waits for the next epoch's pass to agree: mislabeled samples, predicted "
+        "as their true class epoch after epoch, are restored one epoch later, while a hard clean sample's "
+        "confident errors rarely repeat. Proposals start at relabel_epoch, so the first change is applied at "
+        "its end with 1, one epoch later with 2."
+    )})
     relabel_scope: Literal["all", "low"] = field(default="all", metadata={"doc": (
         "\"all\": every sample of the batch may be relabeled (released code); \"low\": only the low-importance "
         "group (paper). \"all\" measured better on 30% synthetic noise (83.1% vs 80.4% clean-test accuracy at "
@@ -91,6 +100,8 @@ class SCNConfig:
             raise ConfigError(f"scn.gamma must be in [0, 1], got {self.gamma}")
         if self.relabel_epoch < 1:
             raise ConfigError(f"scn.relabel_epoch is 1-based and must be >= 1, got {self.relabel_epoch}")
+        if self.relabel_confirm < 1:
+            raise ConfigError(f"scn.relabel_confirm must be >= 1 (1: the released code's rule), got {self.relabel_confirm}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"scn.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.relabel_epoch <= self.warmup_epochs:

@@ -16,7 +16,8 @@ Each epoch, on every rank:
    rank writes its part of the checkpoint and reports it (the same number of `ray.train.report`
    calls everywhere).
 
-A relabel proposed in epoch e is merged at the end of epoch e and trained on from e + 1.
+A relabel proposed in epoch e is merged at the end of epoch e and trained on from e + 1; with
+`scn.relabel_confirm` = k it is merged at the end of the k-th consecutive epoch proposing it.
 """
 
 from __future__ import annotations
@@ -496,7 +497,7 @@ class Worker:
     def run_epoch(self, epoch: int, metrics_file: checkpoint.MetricsFile | None, tracker: tracking.RunTracker | None) -> None:
         """Train, merge the relabels, validate, record (rank 0: `metrics_file`, `tracker`) and checkpoint one epoch."""
         stats, samples = self.train_epoch(epoch, tracker)
-        end = sync.end_epoch(self.table, samples, None if self.labels is None else self.labels.noisy)
+        end = sync.end_epoch(self.table, samples, None if self.labels is None else self.labels.noisy, self.cfg.scn.relabel_confirm)
         # Per-sample alpha (for galleries and audits) goes from each rank to its own file, never through rank 0.
         metrics.write_alpha_part(self.spec.run_dir, epoch, self.rank, self.index.keys_at(end.rows), end.sample_alpha)
         val, val_skipped = self.validate(epoch)

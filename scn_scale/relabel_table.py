@@ -41,7 +41,10 @@ from shards.atomic import write_parquet
 log = logging.getLogger(__name__)
 
 COLUMNS = ("key", "original_label", "current_label", "epoch", "margin", "changes", "previous_label")
-SCHEMA = pa.schema([("key", pa.string()), *[(n, pa.float64() if n == "margin" else pa.int64()) for n in COLUMNS[1:]]])
+#: The confirmation state (`merge_rows(..., confirm=k)`): the last proposal seen for a row, its epoch, and in how
+#: many consecutive epochs ending there the same new label was proposed. Absent from tables saved before it.
+PENDING_COLUMNS = ("proposed_label", "proposed_epoch", "streak")
+SCHEMA = pa.schema([("key", pa.string()), *[(n, pa.float64() if n == "margin" else pa.int64()) for n in COLUMNS[1:] + PENDING_COLUMNS]])
 # In memory: int16 labels and change counts (classes and epochs stay far below 32,768),
 # float64 margins (the digest and the merge order see every bit of a margin).
 _DTYPES = {
@@ -53,6 +56,9 @@ _DTYPES = {
     # The label when `epoch` began. Kept so that later proposals of the same epoch can
     # still win (any split, any order) and `changes` stays exact.
     "previous_label": torch.int16,
+    "proposed_label": torch.int16,
+    "proposed_epoch": torch.int32,  # 0: never proposed (or confirmation off)
+    "streak": torch.int16,
 }
 #: Keys converted to bytes or looked up at a time: bounds the Python strings and temporaries alive at once.
 _KEY_CHUNK = 1 << 20
@@ -272,11 +278,18 @@ class RelabelTable:
         present = self._present()
         return self._index.keys[present.numpy()], [self._cols[name][present] for name in COLUMNS[1:]]
 
+    def _pending(self) -> tuple[np.ndarray, list[Tensor]]:
+        """Rows with confirmation state (a relabel entry or not), in key order, and those columns."""
+        rows = torch.nonzero(self._cols["proposed_epoch"] > 0).flatten()
+        return self._index.keys[rows.numpy()], [self._cols[name][rows] for name in PENDING_COLUMNS]
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RelabelTable):
             return False
-        (keys, cols), (other_keys, other_cols) = self._entries(), other._entries()
-        return np.array_equal(keys, other_keys) and all(torch.equal(a, b) for a, b in zip(cols, other_cols))
+        for mine, theirs in ((self._entries(), other._entries()), (self._pending(), other._pending())):
+            if not (np.array_equal(mine[0], theirs[0]) and all(torch.equal(a, b) for a, b in zip(mine[1], theirs[1]))):
+                return False
+        return True
 
     def get(self, key: str) -> int | None:
         rows, found = self._index.find([key])
@@ -311,9 +324,27 @@ class RelabelTable:
         groups = [replace(every.select(epochs == epoch), epoch=epoch) for epoch in by_epoch]
         return self._merge(groups)
 
-    def merge_rows(self, proposals: ProposalRows) -> int:
-        """Merge one epoch's proposals keyed by row of the table's index (any number per row): `merge`'s rule."""
+    def merge_rows(self, proposals: ProposalRows, confirm: int = 1) -> int:
+        """Merge one epoch's proposals keyed by row of the table's index (any number per row): `merge`'s rule.
+
+        With `confirm` = k > 1 a proposal is merged only once the same new label has been
+        proposed for its row in k consecutive epochs (this one included); the others are
+        remembered here until then. `confirm` = 1 is the released code's rule, and keeps no state.
+        """
+        if confirm < 1:
+            raise ValueError(f"confirm must be >= 1, got {confirm}")
+        if confirm > 1:
+            proposals = self._confirmed(proposals.reduced(), confirm)
         return self._merge([proposals])
+
+    def _confirmed(self, p: ProposalRows, confirm: int) -> ProposalRows:
+        """Record one proposal per row of epoch `p.epoch`; return those proposed `confirm` epochs running."""
+        self._check(p)
+        c, rows, new = self._cols, p.rows, p.new_label.to(torch.int16)
+        repeated = (c["proposed_epoch"][rows] == p.epoch - 1) & (c["proposed_label"][rows] == new)
+        streak = torch.where(repeated, c["streak"][rows] + 1, 1).to(torch.int16)
+        c["proposed_label"][rows], c["proposed_epoch"][rows], c["streak"][rows] = new, p.epoch, streak
+        return p.select(streak >= confirm)
 
     def _rows_for(self, keys: Sequence[str]) -> np.ndarray:
         """Rows of `keys`; a table without an index of its own first grows it by the keys it lacks."""
@@ -414,12 +445,16 @@ class RelabelTable:
     def digest(self) -> str:
         """sha256 of the entries in key order: equal on two ranks exactly when their tables are equal,
         whichever index each is keyed by (the manifest's, or a saved table's own keys)."""
-        keys, cols = self._entries()
-        width = int(np.strings.str_len(keys).max()) if len(keys) else 1  # keys hold no NUL: padding is unambiguous
-        h = hashlib.sha256(f"relabel table v2: {len(keys)} entries, keys of {width} bytes\n".encode())
-        h.update(keys.astype(f"S{width}").tobytes())
-        for col in cols:
-            h.update(col.numpy().tobytes())
+        h = hashlib.sha256()
+        for part, (keys, cols) in enumerate((self._entries(), self._pending())):
+            if part and not len(keys):
+                break  # no confirmation state: the digest of a table saved before it existed
+            width = int(np.strings.str_len(keys).max()) if len(keys) else 1  # keys hold no NUL: padding is unambiguous
+            what = "pending rows" if part else "entries"
+            h.update(f"relabel table v2: {len(keys)} {what}, keys of {width} bytes\n".encode())
+            h.update(keys.astype(f"S{width}").tobytes())
+            for col in cols:
+                h.update(col.numpy().tobytes())
         return h.hexdigest()
 
     def to_pydict(self) -> dict[str, list]:
@@ -427,9 +462,12 @@ class RelabelTable:
         return {"key": [k.decode() for k in keys.tolist()], **{name: col.tolist() for name, col in zip(COLUMNS[1:], cols)}}
 
     def save(self, path: str) -> None:
-        keys, cols = self._entries()
-        columns = [_arrow_keys(keys)]
-        columns += [pa.array(col.numpy().astype(np.float64 if col.is_floating_point() else np.int64)) for col in cols]
+        """Every row with an entry or confirmation state; a row with only the latter has epoch 0."""
+        rows = torch.nonzero((self._cols["epoch"] > 0) | (self._cols["proposed_epoch"] > 0)).flatten()
+        columns = [_arrow_keys(self._index.keys[rows.numpy()])]
+        for name in SCHEMA.names[1:]:
+            col = self._cols[name][rows]
+            columns.append(pa.array(col.numpy().astype(np.float64 if col.is_floating_point() else np.int64)))
         write_parquet(path, pa.Table.from_arrays(columns, schema=SCHEMA))
 
     @classmethod
@@ -445,8 +483,9 @@ class RelabelTable:
             table._reindex(own)
         else:
             table, rows = cls(index), index.lookup(data.column("key"))
-        for name in COLUMNS[1:]:
-            table._cols[name][torch.from_numpy(rows)] = _fit(data.column(name).to_numpy(), _DTYPES[name], f"{path}: {name}")
+        for name in SCHEMA.names[1:]:
+            if name in data.column_names:  # a table saved before confirmation state has none
+                table._cols[name][torch.from_numpy(rows)] = _fit(data.column(name).to_numpy(), _DTYPES[name], f"{path}: {name}")
         return table
 
     def audit(self, ground_truth: Mapping[str, int], given: Mapping[str, int], classes: Sequence[str]) -> dict:

@@ -130,15 +130,15 @@ def all_gather_proposals(proposals: ProposalRows) -> ProposalRows:
     return _decode(torch.cat([part[:size] for part, size in zip(parts, sizes)]).cpu(), proposals.epoch)
 
 
-def merge_proposals(table: RelabelTable, proposals: ProposalRows) -> tuple[int, list[str]]:
+def merge_proposals(table: RelabelTable, proposals: ProposalRows, confirm: int = 1) -> tuple[int, list[str]]:
     """Merge this epoch's proposals of every rank into `table`; return (labels changed, digests per rank).
 
     Each rank first reduces its own proposals to one per row (rollover revisits samples
-    within an epoch), then every rank merges every rank's. The table's merge rule does not
-    depend on the order, so any mismatch found afterwards is a real fault, not a tie
-    broken differently.
+    within an epoch), then every rank merges every rank's, `confirm` epochs running
+    (`RelabelTable.merge_rows`). The table's merge rule does not depend on the order, so
+    any mismatch found afterwards is a real fault, not a tie broken differently.
     """
-    changed = table.merge_rows(all_gather_proposals(proposals.reduced()))
+    changed = table.merge_rows(all_gather_proposals(proposals.reduced()), confirm)
     return changed, check_digests(table)
 
 
@@ -211,14 +211,14 @@ class EpochEnd:
     sample_alpha: np.ndarray
 
 
-def end_epoch(table: RelabelTable, samples: EpochSamples, noisy: Tensor | None) -> EpochEnd:
+def end_epoch(table: RelabelTable, samples: EpochSamples, noisy: Tensor | None, confirm: int = 1) -> EpochEnd:
     """The state every rank exchanges at an epoch end: proposals merged into the table (digests
     checked) and the alpha histogram (split by `noisy`, a mask by row, when the truth is known).
 
     Collective: every rank calls it. What travels does not grow with the samples a rank
     trained, except the proposals every rank needs to update its copy of the table.
     """
-    changed, digests = merge_proposals(table, samples.proposals())
+    changed, digests = merge_proposals(table, samples.proposals(), confirm)
     rows, alpha = samples.last_visits()
     hist = AlphaHistogram.of(torch.from_numpy(alpha), None if noisy is None else noisy[torch.from_numpy(rows)])
     return EpochEnd(changed, digests, all_reduce_alpha(hist), rows, alpha)

@@ -65,7 +65,7 @@ def test_unknown_override_lists_valid_keys(override, where):
         load_config(TrainConfig, None, [override])
     assert where in str(e.value)
     if override.startswith("scn."):
-        assert "beta, delta1, delta2, gamma, relabel_epoch, warmup_epochs, relabel_scope, rank_scope" in str(e.value)
+        assert "beta, delta1, delta2, gamma, relabel_epoch, warmup_epochs, relabel_confirm, relabel_scope, rank_scope" in str(e.value)
     elif override.startswith("model."):
         assert "backbone, dropout" in str(e.value)
     else:

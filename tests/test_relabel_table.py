@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scn_scale.relabel import Proposal, ProposalRows
-from scn_scale.relabel_table import COLUMNS, RelabelTable, SampleIndex, UnknownKeyError
+from scn_scale.relabel_table import COLUMNS, PENDING_COLUMNS, RelabelTable, SampleIndex, UnknownKeyError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_save_load_round_trip_and_digest(tmp_path):
     t.merge([Proposal("a", 2, 1, 0.7, 11)])
     path = tmp_path / "ckpt" / "relabel.parquet"
     t.save(str(path))
-    assert pq.read_table(path).column_names == list(COLUMNS)
+    assert pq.read_table(path).column_names == [*COLUMNS, *PENDING_COLUMNS]
     loaded = RelabelTable.load(str(path))
     assert loaded == t and loaded.digest() == t.digest()
     assert len(t.digest()) == 64
@@ -91,6 +91,67 @@ def test_save_load_round_trip_and_digest(tmp_path):
     other = table_of(Proposal("a", 0, 2, 0.5, 10), Proposal("b", 1, 0, 0.123456789012346, 10))
     other.merge([Proposal("a", 2, 1, 0.7, 11)])
     assert other != t and other.digest() != t.digest()  # the last digit of a margin counts
+
+
+def rows_of(index: SampleIndex, epoch: int, *proposals: tuple[str, int, int]) -> ProposalRows:
+    """One epoch's proposals (key, old label, new label), margin 0.5 each."""
+    keys = [k for k, _, _ in proposals]
+    return ProposalRows.of(epoch, index.lookup(keys), [o for _, o, _ in proposals], [n for _, _, n in proposals],
+                           [0.5] * len(keys))
+
+
+def test_confirm_applies_a_relabel_only_after_consecutive_epochs_agree():
+    index, _ = SampleIndex.build(["a", "b", "c", "d"])
+    t = RelabelTable(index)
+    assert t.merge_rows(rows_of(index, 3, ("a", 0, 2), ("b", 1, 3), ("c", 0, 1)), confirm=2) == 0
+    assert len(t) == 0 and t.labels_at(index.lookup(["a"]), torch.tensor([0])).tolist() == [0]
+    # a: the same again (applied); b: another new label (waits again); c: not proposed (its streak ends).
+    assert t.merge_rows(rows_of(index, 4, ("a", 0, 2), ("b", 1, 2)), confirm=2) == 1
+    assert t.get("a") == 2 and t.get("b") is None
+    assert t.merge_rows(rows_of(index, 5, ("b", 1, 2), ("c", 0, 1)), confirm=2) == 1
+    assert t.get("b") == 2 and t.get("c") is None  # c: epochs 3 and 5 are not consecutive
+    assert t.merge_rows(rows_of(index, 7, ("c", 0, 1)), confirm=3) == 0  # a gap restarts the count
+    assert t.merge_rows(rows_of(index, 8, ("c", 0, 1)), confirm=3) == 0
+    assert t.merge_rows(rows_of(index, 9, ("c", 0, 1)), confirm=3) == 1 and t.get("c") == 1
+    with pytest.raises(ValueError, match="confirm must be >= 1"):
+        t.merge_rows(rows_of(index, 10, ("d", 0, 1)), confirm=0)
+
+
+def test_confirm_one_is_the_released_rule_and_keeps_no_state():
+    index, _ = SampleIndex.build(["a", "b"])
+    released, confirmed = RelabelTable(index), RelabelTable(index)
+    assert released.merge_rows(rows_of(index, 3, ("a", 0, 2))) == 1
+    assert confirmed.merge_rows(rows_of(index, 3, ("a", 0, 2)), confirm=1) == 1
+    assert released == confirmed and released.digest() == confirmed.digest()
+    assert released.digest() == table_of(Proposal("a", 0, 2, 0.5, 3)).digest()
+
+
+def test_waiting_proposals_survive_save_and_load(tmp_path):
+    index, _ = SampleIndex.build(["a", "b", "c"])
+    t = RelabelTable(index)
+    t.merge_rows(rows_of(index, 3, ("a", 0, 2), ("b", 1, 0)), confirm=2)
+    t.merge_rows(rows_of(index, 4, ("a", 0, 2), ("c", 2, 1)), confirm=2)
+    path = tmp_path / "relabel.parquet"
+    t.save(str(path))
+    loaded = RelabelTable.load(str(path), index)
+    assert loaded == t and loaded.digest() == t.digest() and len(loaded) == 1
+    unconfirmed = RelabelTable(index)
+    unconfirmed.merge_rows(rows_of(index, 4, ("a", 0, 2)))  # the same entry, without waiting proposals
+    assert unconfirmed.get("a") == loaded.get("a") and unconfirmed.digest() != loaded.digest()
+    # Resumed, the waiting proposal for c is confirmed exactly as in the table that never stopped.
+    for table in (t, loaded):
+        assert table.merge_rows(rows_of(index, 5, ("c", 2, 1)), confirm=2) == 1
+    assert loaded == t and loaded.get("c") == 1
+
+
+def test_a_table_saved_before_confirmation_loads_with_its_digest(tmp_path):
+    t = table_of(Proposal("a", 0, 2, 0.5, 10), Proposal("b", 1, 0, 0.25, 10))
+    path = tmp_path / "old.parquet"
+    t.save(str(path))
+    old = pq.read_table(path).select(list(COLUMNS))  # the columns a table had before
+    pq.write_table(old, path)
+    loaded = RelabelTable.load(str(path))
+    assert loaded == t and loaded.digest() == t.digest()
 
 
 def test_load_rejects_other_tables(tmp_path):
