@@ -257,13 +257,18 @@ class RunningSums:
         return dict(zip(self.FIELDS, self.total.tolist()))
 
 
+def alpha_epoch_url(run: str, epoch: int) -> str:
+    """The directory of epoch `epoch`'s per-sample alpha parts, `run/alpha/epoch_NNNN`: one parquet table to a reader."""
+    return join(run.rstrip("/"), f"{ALPHA_DIR}/epoch_{epoch:04d}")
+
+
 def alpha_part_url(run: str, epoch: int, rank: int) -> str:
     """Where rank `rank` writes epoch `epoch`'s per-sample alpha: `run/alpha/epoch_NNNN/rank_RRRR.parquet`.
 
     One directory per epoch, one part per rank: `pyarrow.parquet.read_table` reads the
     directory as one table (it skips the dot-named temporary files of unfinished writes).
     """
-    return join(run.rstrip("/"), f"{ALPHA_DIR}/epoch_{epoch:04d}/rank_{rank:04d}.parquet")
+    return join(alpha_epoch_url(run, epoch), f"rank_{rank:04d}.parquet")
 
 
 def write_alpha_part(run: str, epoch: int, rank: int, keys: pa.Array, alpha: Tensor | np.ndarray) -> str:

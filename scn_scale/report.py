@@ -36,7 +36,7 @@ from scn_scale.checkpoint import (
     CheckpointError,
     latest_checkpoint,
 )
-from scn_scale.metrics import alpha_part_url
+from scn_scale.metrics import alpha_epoch_url, alpha_part_url
 from scn_scale.noise import load_ground_truth, load_overrides
 from scn_scale.relabel_table import RelabelTable
 from scn_scale.report_html import write_html
@@ -277,7 +277,7 @@ def read_alpha(run: str, epoch: int) -> pa.Table | None:
     Readers revisit samples to give every rank the same number of batches, so two ranks
     may both hold a key; the lowest rank's value is kept.
     """
-    directory = alpha_part_url(run, epoch, 0).rsplit("/", 1)[0]  # run/alpha/epoch_NNNN
+    directory = alpha_epoch_url(run, epoch)
     fs, path = open_fs(directory)
     parts = sorted(fs.glob(join(path, "rank_*.parquet")))
     if not parts:
