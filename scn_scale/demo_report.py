@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from scn_scale import report as plots
-from scn_scale.metrics import accuracy_gap, alpha_gap
+from scn_scale.metrics import alpha_gap, paired_accuracy_gap
 from shards.atomic import write_json, write_text
 
 REPORT_MD = "report.md"
@@ -156,13 +157,26 @@ def _points(diff: float) -> str:
     return f"{100 * diff:+.1f} points"
 
 
+def paired_gap(a: dict, b: dict) -> tuple[float, float]:
+    """Accuracy of run a minus run b on the same test faces, and its paired 95% half-width, from the
+    evaluations' per-sample predictions (`scn_scale.evaluate`'s predictions.parquet)."""
+    correct = []
+    for run in (a, b):
+        table = pq.read_table(Path(run["eval_dir"]) / "predictions.parquet", columns=["key", "label", "pred"]).to_pydict()
+        correct.append(dict(zip(table["key"], np.array(table["pred"]) == np.array(table["label"]))))
+    if set(correct[0]) != set(correct[1]):
+        raise ValueError(f"{a['eval_dir']} and {b['eval_dir']} evaluated different samples: no paired comparison")
+    keys = sorted(correct[0])
+    return paired_accuracy_gap([correct[0][k] for k in keys], [correct[1][k] for k in keys])
+
+
 def headline(results: dict) -> dict:
     """The numbers the report leads with, derived from the results (and saved with them)."""
     runs, alpha, audit = results["runs"], results["alpha"], results["audit"]
     scn, base = runs["scn"]["eval"], runs["baseline"]["eval"]
     pre, scratch = runs["finetune-crawl"]["eval"], runs["finetune-scratch"]["eval"]
-    diff, margin = accuracy_gap(scn["accuracy"], base["accuracy"], scn["samples"])
-    gain, gain_margin = accuracy_gap(pre["accuracy"], scratch["accuracy"], pre["samples"])
+    diff, margin = paired_gap(runs["scn"], runs["baseline"])
+    gain, gain_margin = paired_gap(runs["finetune-crawl"], runs["finetune-scratch"])
     noisy, clean = alpha.get("noisy", {}), alpha.get("clean", {})
     gap = alpha_gap(alpha)
     return {
@@ -177,11 +191,11 @@ def headline(results: dict) -> dict:
         "scn_accuracy": scn["accuracy"],
         "baseline_accuracy": base["accuracy"],
         "scn_minus_baseline": diff,
-        "scn_minus_baseline_2se": margin,
+        "scn_minus_baseline_95": margin,
         "pretrained_accuracy": pre["accuracy"],
         "scratch_accuracy": scratch["accuracy"],
         "finetune_gain": gain,
-        "finetune_gain_2se": gain_margin,
+        "finetune_gain_95": gain_margin,
     }
 
 
@@ -218,7 +232,7 @@ def _verdicts(results: dict, h: dict) -> list[str]:
                      f"{audit['corrupted']} clean labels were changed away from the truth.")
     else:
         lines.append(f"**Relabeling:** SCN changed no label in this run (recall 0 of {audit['noisy']} wrong labels).")
-    diff, margin = h["scn_minus_baseline"], h["scn_minus_baseline_2se"]
+    diff, margin = h["scn_minus_baseline"], h["scn_minus_baseline_95"]
     scn, base = _pct(h["scn_accuracy"]), _pct(h["baseline_accuracy"])
     if diff > 0:
         verdict = f"**SCN beat the baseline** on the clean test set: {scn} against {base} ({_points(diff)})"
@@ -227,15 +241,16 @@ def _verdicts(results: dict, h: dict) -> list[str]:
     else:
         verdict = f"**SCN and the baseline tied** on the clean test set: {scn} each"
     within = abs(diff) <= margin
-    lines.append(verdict + (f"; a difference within about two standard errors (±{100 * margin:.1f} points) of this "
-                            "test set, so not a clear result." if within and diff else "."))
-    gain, gain_margin = h["finetune_gain"], h["finetune_gain_2se"]
+    lines.append(verdict + (f"; a difference within its paired 95% interval (±{100 * margin:.1f} points, the two "
+                            "models scored on the same test faces), so not a clear result." if within and diff else
+                            f" (paired 95% interval ±{100 * margin:.1f} points)."))
+    gain, gain_margin = h["finetune_gain"], h["finetune_gain_95"]
     pre, scratch = _pct(h["pretrained_accuracy"]), _pct(h["scratch_accuracy"])
     word = "helped" if gain > 0 else ("did not help" if gain < 0 else "made no difference")
     lines.append(f"**Crawl pretraining {word}** on the RAF-DB-layout benchmark: {pre} fine-tuned from the crawl-"
                  f"pretrained SCN against {scratch} from scratch with the same budget ({_points(gain)})"
-                 + (f"; within about two standard errors (±{100 * gain_margin:.1f} points)." if abs(gain) <= gain_margin
-                    and gain else "."))
+                 + (f"; within its paired 95% interval (±{100 * gain_margin:.1f} points)." if abs(gain) <= gain_margin
+                    and gain else f" (paired 95% interval ±{100 * gain_margin:.1f} points)."))
     return lines
 
 
@@ -312,12 +327,12 @@ def markdown(results: dict, h: dict) -> str:
         f"| wrong crawl labels, before / after SCN's relabel table | {audit['noisy']} / {audit['wrong_after']} |",
         f"| clean test accuracy, SCN (last epoch) | {_pct(h['scn_accuracy'])} |",
         f"| clean test accuracy, baseline (last epoch) | {_pct(h['baseline_accuracy'])} |",
-        f"| SCN minus baseline | {_points(h['scn_minus_baseline'])} (two standard errors: "
-        f"±{100 * h['scn_minus_baseline_2se']:.1f}) |",
+        f"| SCN minus baseline | {_points(h['scn_minus_baseline'])} (paired 95% interval: "
+        f"±{100 * h['scn_minus_baseline_95']:.1f}) |",
         f"| RAF-DB-layout accuracy, fine-tuned from the crawl | {_pct(h['pretrained_accuracy'])} |",
         f"| RAF-DB-layout accuracy, from scratch | {_pct(h['scratch_accuracy'])} |",
-        f"| fine-tuning gain of crawl pretraining | {_points(h['finetune_gain'])} (two standard errors: "
-        f"±{100 * h['finetune_gain_2se']:.1f}) |",
+        f"| fine-tuning gain of crawl pretraining | {_points(h['finetune_gain'])} (paired 95% interval: "
+        f"±{100 * h['finetune_gain_95']:.1f}) |",
         "",
         *[f"- {line}" for line in _verdicts(results, h)],
         "",

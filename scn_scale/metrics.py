@@ -73,25 +73,13 @@ def mean_class_accuracy(preds: Any, targets: Any, num_classes: int) -> float:
     return float(present.mean()) if present.size else float("nan")
 
 
-def accuracy_gap(a: float, b: float, n: int) -> tuple[float, float]:
-    """Difference a - b of two accuracies on the same n test samples, and twice its standard error.
-
-    The binomial errors are combined as if independent, which overstates the error of a
-    paired comparison: a gap beyond this margin is a real one.
-    """
-    if not n:
-        return a - b, math.nan
-    se = math.hypot(*(math.sqrt(max(p * (1 - p), 1e-12) / n) for p in (a, b)))
-    return a - b, 2 * se
-
-
 def paired_accuracy_gap(correct_a: Any, correct_b: Any) -> tuple[float, float]:
     """Accuracy of a minus that of b, scored on the same samples, and the half-width of its 95% interval.
 
     Two models scored on one test set get most samples right or wrong together, so the
     error of their difference comes only from the discordant samples (McNemar's counts:
     right for a only, right for b only). This interval (Wald's, for paired proportions) is
-    far tighter than `accuracy_gap`'s independent one, and the one to judge a gain by.
+    far tighter than treating the two accuracies as independent, and the one to judge a gain by.
     """
     a, b = _array(correct_a).astype(bool), _array(correct_b).astype(bool)
     if a.shape != b.shape or a.ndim != 1:
