@@ -27,12 +27,14 @@ Presets:
 
     python bench/noise_robustness.py --preset cpu                     # synthetic faces
     python bench/noise_robustness.py --preset real --seeds 0,1,2      # held-out real images
+    python bench/noise_robustness.py --preset cpu --noise ambiguous   # the faint faces mislabeled most
     python bench/noise_robustness.py --preset gpu --train DIR --test DIR  # RAF-DB imported by scn_scale.importers
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 import sys
@@ -115,6 +117,19 @@ PRESETS = {
 }
 
 
+def faces_dir(out: Path, seed: int, split: str) -> Path:
+    return out / "data" / f"seed{seed}" / f"{split}-faces"
+
+
+def ambiguity_weights(out: Path, seed: int, train_set: str) -> list[float]:
+    """Each training face's ambiguity, 1 - its expression intensity (crawler.synthetic's corpus.csv), in
+    manifest order: the weights of the second noise model, as the embedded web mislabels faces."""
+    with open(faces_dir(out, seed, "train") / "corpus.csv", newline="") as f:
+        intensity = {row["file"]: float(row["intensity"]) for row in csv.DictReader(f)}
+    manifest = read_manifest(train_set, columns=["key", "source_id"]).to_pydict()
+    return [1.0 - intensity[source] for source in manifest["source_id"]]
+
+
 def synthetic_sets(out: Path, preset: Preset, seed: int) -> dict[str, str]:
     """Training, test and start sets of synthetic faces, each of other people (corpora of different seeds)."""
     sets = {}
@@ -123,9 +138,9 @@ def synthetic_sets(out: Path, preset: Preset, seed: int) -> dict[str, str]:
                                           ("start", preset.start_per_class, 3 * seed + 3)):
         if not per_class:
             continue
-        shards = out / "data" / split
+        shards = out / "data" / f"seed{seed}" / split
         if not (shards / "stats.json").exists():
-            faces = out / "data" / f"{split}-faces"
+            faces = faces_dir(out, seed, split)
             generate_corpus(CorpusConfig(out=str(faces), per_class=per_class, seed=corpus_seed,
                                          intensity_range=preset.intensity_range))
             import_imagefolder(faces, shards, split=split, dataset=f"bench-{split}")
@@ -224,15 +239,20 @@ def run_summary(metrics: list[dict]) -> dict:
 
 
 def run_rate(rate: float, train_set: str, test_set: str, preset: Preset, overrides: Sequence[str], out: Path,
-             seed: int, methods: Sequence[str]) -> dict:
-    """Every method at one noise rate; the label table is drawn once and shared. Gaps are paired against cross-entropy."""
+             seed: int, methods: Sequence[str], weights: Sequence[float] | None = None) -> dict:
+    """Every method at one noise rate; the label table is drawn once and shared. Gaps are paired against cross-entropy.
+
+    `weights`: draw the mislabeled samples in proportion to them (manifest order), else symmetrically.
+    """
     manifest = read_manifest(train_set, columns=["key", "label"]).to_pydict()
     num_classes = max(manifest["label"]) + 1
-    table = out / "noise" / f"noise-{round(100 * rate):02d}-seed{seed}.parquet"
-    save_overrides(make_noise(manifest["key"], manifest["label"], num_classes, rate=rate, seed=seed), str(table))
+    model = "symmetric" if weights is None else "ambiguous"
+    table = out / "noise" / f"{model}-{round(100 * rate):02d}-seed{seed}.parquet"
+    save_overrides(make_noise(manifest["key"], manifest["label"], num_classes, rate=rate, seed=seed, weights=weights),
+                   str(table))
     result, correct = {}, {}
     for method in methods:
-        name = f"{method}-noise{round(100 * rate):02d}-seed{seed}"
+        name = f"{method}-{model}{round(100 * rate):02d}-seed{seed}"
         cfg = load_config(TrainConfig, str(REPO / preset.config), [
             *overrides, f"train_shards={train_set}", f"val_shards={test_set}", f"label_overrides={table}",
             *METHODS[method][1], f"seed={seed}", f"out_dir={out / 'runs'}", f"run_name={name}",
@@ -337,7 +357,7 @@ def plot(results: dict, path: Path) -> None:
         if any(g is not None for g in gaps):
             separation.plot(range(1, len(gaps) + 1), [np.nan if g is None else g for g in gaps], marker=".",
                             label=f"{100 * float(rate):.0f}% noise")
-    ax.set(xlabel="symmetric label noise (%)", ylabel="clean test accuracy (%)",
+    ax.set(xlabel=f"{results['noise']} label noise (%)", ylabel="clean test accuracy (%)",
            title=f"last epoch, mean of {len(seeds)} seed(s), ±2 binomial SE")
     curves.set(xlabel="epoch", ylabel="clean test accuracy (%)", title=f"per epoch at {100 * float(rates[-1]):.0f}% noise, seed {first}")
     separation.axhline(0.0, color="grey", linewidth=0.8)
@@ -350,7 +370,7 @@ def plot(results: dict, path: Path) -> None:
 
 def write_outputs(results: dict, out: Path) -> None:
     lines = [
-        f"# Label noise: cross-entropy vs SCN through `scn_scale.train` ({results['preset']} preset)",
+        f"# Label noise ({results['noise']}): cross-entropy vs SCN through `scn_scale.train` ({results['preset']} preset)",
         "",
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']}; {results['wall_s'] / 60:.1f} minutes in all.  ",
@@ -375,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default=",".join(str(r) for r in RATES), help="noise rates, comma-separated")
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (the noise draw uses each too)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--noise", choices=["symmetric", "ambiguous"], default="symmetric",
+                        help="which samples get a wrong label: uniformly at random, or (cpu preset's faces) in "
+                             "proportion to 1 - the expression's intensity, as the demo's web mislabels them")
     parser.add_argument("--out", default="bench-out/noise_robustness", help="output directory")
     add_set(parser, "lr=0.0005, over the preset's config and settings")
     args = parser.parse_args(argv)
@@ -390,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if not given and not (preset.train_per_class or preset.real_per_class[0]):
         print(f"error: the {args.preset} preset needs --train and --test shard sets", file=sys.stderr)
         return 2
+    if args.noise == "ambiguous" and (given or not preset.train_per_class):
+        print("error: --noise ambiguous needs the cpu preset's own synthetic faces (their intensities)", file=sys.stderr)
+        return 2
     overrides = (*preset.overrides, *args.set)
     ray.init(address="local", include_dashboard=False, _node_ip_address=LOCAL_NODE_IP)
     by_seed, rates = {}, [r for r in args.rates.split(",")]
@@ -400,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             seeded = overrides
             if "start" in sets:
                 seeded = (*overrides, f"init={common_start(sets['start'], sets['test'], preset, overrides, out, seed)}")
-            by_seed[seed] = {rate: run_rate(float(rate), sets["train"], sets["test"], preset, seeded, out, seed, methods)
-                             for rate in rates}
+            weights = ambiguity_weights(out, seed, sets["train"]) if args.noise == "ambiguous" else None
+            by_seed[seed] = {rate: run_rate(float(rate), sets["train"], sets["test"], preset, seeded, out, seed, methods,
+                                            weights) for rate in rates}
     finally:
         ray.shutdown()
     results = {
@@ -409,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "config": preset.config, "overrides": list(overrides), "train": sets["train"], "test": sets["test"],
         "test_samples": by_seed[seeds[0]][rates[0]][methods[0]]["test_samples"], "wall_s": time.monotonic() - started,
-        "methods": methods, "rates": rates, "seeds": by_seed,
+        "methods": methods, "rates": rates, "seeds": by_seed, "noise": args.noise,
     }
     write_outputs(results, out)
     print("\n".join(table(results)))

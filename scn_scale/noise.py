@@ -4,6 +4,12 @@ Pick round(rate * N) training samples at random and give each a label drawn unif
 from the other classes; the table (key, label, true_label) is frozen for the run and
 applied by the shard reader (`TrainConfig.label_overrides`), so the shards stay clean
 and the ground truth stays at hand for the relabel audit.
+
+Symmetric noise is drawn independently of the image, so no model of the image (SCN's
+importance weight is one) can tell a mislabeled sample from it. Web search mislabels the
+ambiguous images most; `make_noise(weights=...)` draws the mislabeled samples in
+proportion to a weight instead (an image's ambiguity, 1 - its expression intensity for
+the synthetic faces), the second protocol of bench/noise_robustness.py.
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ from shards.fs import join, read_json
 from shards.manifest import read_manifest
 from shards.writer import STATS_NAME
 
-def make_noise(keys: Sequence[str], labels: Sequence[int], num_classes: int, rate: float, seed: int) -> pa.Table:
+def make_noise(keys: Sequence[str], labels: Sequence[int], num_classes: int, rate: float, seed: int,
+               weights: Sequence[float] | None = None) -> pa.Table:
     """The override table for one draw. Samples are ordered by key first, so the draw depends
     on the set of samples and the seed, not on the order the manifest lists them in.
+
+    With `weights` (>= 0, one per sample) the round(rate * N) samples are drawn without
+    replacement in proportion to them (Efraimidis-Spirakis keys u ** (1 / w), as the embedded
+    web picks its ambiguous faces): a weight-0 sample is chosen only once no other is left.
     """
     if len(keys) != len(labels):
         raise ValueError(f"{len(keys)} keys for {len(labels)} labels")
@@ -40,7 +51,18 @@ def make_noise(keys: Sequence[str], labels: Sequence[int], num_classes: int, rat
     if true.size and (true.min() < 0 or true.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{true.min()}, {true.max()}]")
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(keys), size=round(rate * len(keys)), replace=False))
+    k = round(rate * len(keys))
+    if weights is None:
+        chosen = np.sort(rng.choice(len(keys), size=k, replace=False))
+    else:
+        w = np.asarray([weights[i] for i in order], dtype=np.float64) if len(weights) == len(order) else None
+        if w is None or not np.all(np.isfinite(w)) or (w < 0).any():
+            raise ValueError(f"weights must be {len(order)} finite values >= 0, one per sample")
+        u = rng.uniform(size=len(keys))
+        # log(u ** (1 / w)), largest first; the weight-0 samples last, in random order among themselves.
+        priority = np.full(len(keys), -np.inf)
+        priority[w > 0] = np.log(u[w > 0]) / w[w > 0]
+        chosen = np.sort(np.lexsort((-u, -priority))[:k])
     # An offset in [1, C-1] added modulo C is uniform over the C-1 other classes.
     noisy = (true[chosen] + rng.integers(1, num_classes, size=chosen.size)) % num_classes
     return pa.table(

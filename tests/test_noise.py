@@ -1,6 +1,7 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -74,3 +75,22 @@ def test_bad_inputs():
         make_noise(["a"], [3], 3, 0.5, 0)
     with pytest.raises(ValueError, match="not unique"):
         make_noise(["a", "a"], [0, 1], 3, 0.5, 0)
+
+
+def test_weighted_noise_picks_in_proportion_to_the_weights():
+    keys = [f"k{i:04d}" for i in range(3000)]
+    weights = [0.0] * 1000 + [1.0] * 1000 + [3.0] * 1000  # by key order
+    table = make_noise(keys, [0] * 3000, 4, 0.2, seed=5, weights=weights)
+    picked = np.array([int(k[1:]) for k in table.column("key").to_pylist()])
+    counts = np.bincount(picked // 1000, minlength=3)
+    assert counts.sum() == 600 and counts[0] == 0  # weight 0: never while others are left
+    assert 2.2 < counts[2] / counts[1] < 4.5  # about 3 to 1 (drawn without replacement)
+    assert (table.column("label").to_numpy() != 0).all()  # still another class than the true one
+    again = make_noise(list(reversed(keys)), [0] * 3000, 4, 0.2, seed=5, weights=list(reversed(weights)))
+    assert again.equals(table)  # the draw follows the keys, not the input order
+    everything = make_noise(keys, [0] * 3000, 4, 1.0, seed=5, weights=weights)
+    assert everything.num_rows == 3000  # the weight-0 samples come last, not never
+    with pytest.raises(ValueError, match="weights must be"):
+        make_noise(keys, [0] * 3000, 4, 0.2, seed=5, weights=[1.0] * 10)
+    with pytest.raises(ValueError, match="weights must be"):
+        make_noise(keys, [0] * 3000, 4, 0.2, seed=5, weights=[-1.0] * 3000)
