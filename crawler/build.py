@@ -107,6 +107,8 @@ class CrawlConfig:
     #: Results asked per query; None: 200 for a search API, all of it for a URL list.
     per_query: int | None = None
     discover_concurrency: int = 4
+    #: Largest search-API answer read, in bytes after decompression (`discover.max_bytes`).
+    discover_max_bytes: int = 16 * 1024 * 1024
     #: Extra provider settings (see crawler.providers.get_provider), e.g. {"max_retries": 0}.
     provider_settings: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
@@ -131,7 +133,8 @@ class CrawlConfig:
             settings["input"] = self.input
         per_query = self.per_query or (10**12 if self.provider == "urllist" else 200)
         return DiscoverConfig(provider=self.provider, api_base=self.api_base, per_query=per_query,
-                              concurrency=self.discover_concurrency, settings=settings, progress=self.progress)
+                              concurrency=self.discover_concurrency, settings=settings, progress=self.progress,
+                              allow_hosts=self.pipeline.fetch.allow_hosts, max_bytes=self.discover_max_bytes)
 
     def validate(self) -> "CrawlConfig":
         """Check every setting before any work starts; raises CrawlConfigError naming the fault."""
@@ -150,7 +153,8 @@ class CrawlConfig:
                 raise ValueError(f"queries file {self.queries} does not exist")
             if self.per_query is not None and self.per_query < 1:
                 raise ValueError(f"per_query must be positive, got {self.per_query}")
-            for name in ("discover_concurrency", "work_shard_size", "max_shard_samples", "max_shard_bytes"):
+            for name in ("discover_concurrency", "discover_max_bytes", "work_shard_size", "max_shard_samples",
+                         "max_shard_bytes"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
             self.pipeline.validate()
@@ -457,6 +461,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 _SECTIONS = {"fetch": "pipeline.fetch", "decode": "pipeline.decode", "faces": "pipeline.faces",
              "dedupe": "pipeline.dedupe", "frames": "pipeline.frames", "conflicts": "pipeline.conflicts", "jpeg_quality": "pipeline.jpeg_quality",
              "torch_threads": "pipeline.torch_threads"}
+#: Discovery's settings by their section-style names: "discover.max_bytes" means "discover_max_bytes".
+_DISCOVER = {"discover.max_bytes": "discover_max_bytes", "discover.concurrency": "discover_concurrency"}
 
 
 def override(obj: Any, path: str, value: Any, *, prefix: str = "") -> Any:
@@ -464,6 +470,8 @@ def override(obj: Any, path: str, value: Any, *, prefix: str = "") -> Any:
 
     `prefix` is the path down to `obj`, so an error names the whole setting.
     """
+    if path in _DISCOVER and obj.__class__ is CrawlConfig:
+        path = _DISCOVER[path]
     head, _, rest = path.partition(".")
     if head in _SECTIONS and obj.__class__ is CrawlConfig:
         return override(obj, _SECTIONS[head] + (f".{rest}" if rest else ""), value)

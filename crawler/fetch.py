@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import logging
 import queue
 import re
@@ -44,8 +43,8 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
 from urllib.parse import urljoin, urlsplit
 
-from crawler.http import USER_AGENT, backoff_seconds, retry_after_seconds
-from crawler.netguard import AllowList, check_scheme, connecting_to, guarded_socket_factory
+from crawler.http import USER_AGENT, backoff_seconds, guarded_session, read_body, retry_after_seconds
+from crawler.netguard import AllowList, check_scheme, connecting_to
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,6 @@ OK_CODES = frozenset({200, 203})
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 #: X-Robots-Tag directives that themselves contain a colon (so are not an agent prefix).
 _COLON_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
-_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -353,21 +351,7 @@ class Fetcher:
     # -- the asynchronous core ------------------------------------------------------------
 
     def session(self):
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(
-            limit=self.config.concurrency,
-            limit_per_host=0,  # per-host slots are ours (HostLimits), one per hop
-            socket_factory=guarded_socket_factory(self.allow),
-            ttl_dns_cache=300,
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": self.config.user_agent},
-            timeout=aiohttp.ClientTimeout(total=None),  # the deadline is ours, per request
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        return guarded_session(self.allow, user_agent=self.config.user_agent, concurrency=self.config.concurrency)
 
     async def run(self, urls: Sequence[str], emit, slots: _Gate, budget: _Gate) -> None:
         """Fetch `urls` with `concurrency` workers, calling `emit((index, result))` for each.
@@ -516,7 +500,7 @@ class Fetcher:
             deadline.reschedule(loop.time() + left)
             data = None
             try:
-                data = await _read_body(resp, room)
+                data = await read_body(resp, room)
             finally:
                 budget.release(room - len(data or b""))  # an ok body keeps its own bytes
             if data is None:
@@ -534,13 +518,3 @@ class _Allowance:
     """What is left of one URL's `total_timeout_s`, in seconds: spent by its requests and retry waits."""
 
     left: float
-
-
-async def _read_body(resp, limit: int) -> bytes | None:
-    """The body, or None once it passes `limit` bytes; one growing buffer, never the chunks and their join at once."""
-    buffer = io.BytesIO()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        if buffer.tell() + len(chunk) > limit:
-            return None
-        buffer.write(chunk)
-    return buffer.getvalue()

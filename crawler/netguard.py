@@ -196,6 +196,19 @@ def check_scheme(url: str) -> str | None:
     return None
 
 
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, the port filled in from the scheme: what "the same origin" compares."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower().rstrip("."), parts.port or (443 if scheme == "https" else 80)
+
+
+def origin_entry(url: str) -> str:
+    """The allow-list entry for exactly the host and port of `url` (an API base the crawl was pointed at)."""
+    _, host, port = origin(url)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_address(host: str, ip: IPAddress, allow: AllowList, port: int | None = None) -> None:
     """Raise ForbiddenAddress unless `ip` is public or allow-listed (by address or by host name) for `port`."""
     if is_public(ip) or allow.allows_ip(ip, port) or allow.allows_name(host, port):
