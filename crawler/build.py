@@ -3,7 +3,7 @@
     python -m crawler.build --queries queries.yaml --provider openverse --out runs/web
     python -m crawler.build --provider urllist --input urls.csv --out runs/list --faces none
     python -m crawler.build --provider localweb --api-base http://127.0.0.1:8000 \\
-        --allow-host 127.0.0.1 --out runs/demo --resume --ray-address auto
+        --allow-host 127.0.0.1:8000 --out runs/demo --resume --ray-address auto
 
 Stages and files, in OUT:
 1. discovery (`crawler.discover`) writes `candidates.parquet` first (reused on resume);
@@ -39,7 +39,6 @@ import random
 import sys
 import time
 import typing
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,8 @@ from tqdm import tqdm
 
 from crawler.distribute import DistributeConfig, open_runner
 from crawler.faces import HAAR_INSTALL, MTCNN_INSTALL
-from crawler.netguard import check_scheme
+from crawler.fetch import Fetcher
+from crawler.netguard import check_scheme, origin_entry
 from crawler.pipeline import (
     DECODE_FAILURES,
     DROPPED_SCHEMA,
@@ -413,11 +413,18 @@ def _label_noise(cfg: CrawlConfig, out: Path) -> dict[str, Any] | None:
     from shards.manifest import read_manifest
 
     url = cfg.api_base.rstrip("/") + "/ground_truth.json"
+    # Through the fetcher and its guard, like every request of the crawl: the API's own host and port
+    # are allowed (the crawl was pointed at them), nothing else beyond the crawl's allow-list.
+    fetch = dataclasses.replace(cfg.pipeline.fetch, allow_hosts=(*cfg.pipeline.fetch.allow_hosts,
+                                                                 origin_entry(cfg.api_base)))
+    (result,) = Fetcher(fetch).fetch_all([url])
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": cfg.pipeline.fetch.user_agent})
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            truth = json.load(resp)
-    except (OSError, ValueError) as exc:
+        if not result.ok:
+            raise ValueError(f"{result.status}: {result.error}")
+        truth = json.loads(result.data or b"")
+        if not isinstance(truth, dict):
+            raise ValueError(f"a JSON {type(truth).__name__}, not an object")
+    except ValueError as exc:
         log.info("no ground truth at %s (%s): label noise not measured", url, exc)
         return None
     rows = read_manifest(str(out), columns=["url", "label_name"]).to_pylist()
@@ -506,8 +513,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="the URL list for --provider urllist (csv, tsv, jsonl, parquet: url,label[,query])")
     p.add_argument("--out", required=True, help="output directory (the shard set and the crawl's state)")
     p.add_argument("--faces", choices=("mtcnn", "haar", "none"), help="face detector (default mtcnn)")
-    p.add_argument("--allow-host", action="extend", nargs="+", default=[], metavar="HOST",
-                   help="hosts, addresses or networks exempt from the private-address refusal (one or more; repeatable)")
+    p.add_argument("--allow-host", action="extend", nargs="+", default=[], metavar="HOST[:PORT]",
+                   help="hosts, addresses or networks exempt from the private-address refusal, each for one port "
+                        "(127.0.0.1:8470, [::1]:8470, 127.0.0.0/8:8470) or every port (no :PORT); one or more, "
+                        "repeatable")
     p.add_argument("--allow-youtube", action="store_true",
                    help="opt in to --provider youtube (YouTube's terms restrict downloading; needs scn-scale[video])")
     p.add_argument("--resume", action="store_true", help="continue the crawl already in --out")
