@@ -193,3 +193,12 @@ def test_a_search_answer_of_the_wrong_shape_is_one_error_line(serve, tmp_path, a
     api.fail_next = [(200, {}, answer)]
     message = failure(serve(api), tmp_path)
     assert "openverse" in message and "\n" not in message
+
+
+def test_discover_max_bytes_is_a_crawl_setting(tmp_path):
+    args = build.parser().parse_args(["--provider", "openverse", "--api-base", "https://api.example.org", "--out", str(tmp_path / "out"),
+                                      "--set", "discover.max_bytes=4096", "--allow-host", "10.0.0.0/8:8080"])
+    cfg = build.config_from_args(args)
+    discover_cfg = cfg.discover_config()
+    assert (discover_cfg.max_bytes, discover_cfg.allow_hosts) == (4096, ("10.0.0.0/8:8080",))
+    assert discover_cfg.build_provider().api.max_bytes == 4096
