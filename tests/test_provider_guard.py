@@ -7,6 +7,7 @@ metadata, a dashboard) and records every request it gets, which must be none.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import threading
@@ -14,12 +15,15 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
+import aiohttp
 import pytest
 from aiohttp import web
 from provider_servers import FakeOpenverse, Internal, openverse_item, serve  # noqa: F401  (serve is a fixture)
 
 from crawler import build
 from crawler.discover import DiscoverConfig, DiscoveryError, discover
+from crawler.localweb import ServerThread
+from crawler.providers import get_provider
 from crawler.queries import Query
 
 QUERIES = [Query("happiness", "happy face", "en")]
@@ -202,3 +206,33 @@ def test_discover_max_bytes_is_a_crawl_setting(tmp_path):
     discover_cfg = cfg.discover_config()
     assert (discover_cfg.max_bytes, discover_cfg.allow_hosts) == (4096, ("10.0.0.0/8:8080",))
     assert discover_cfg.build_provider().api.max_bytes == 4096
+
+
+def test_a_plain_session_is_refused_before_any_request(serve):
+    api = fake()
+    provider = get_provider("openverse", api_base=serve(api), requests_per_second=1000.0)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            await provider.search(session, QUERIES[0], 10, None)
+
+    with pytest.raises(TypeError, match="guarded_session"):
+        asyncio.run(run())
+    assert api.requests == []
+
+
+def test_the_ground_truth_is_fetched_through_the_guard(serve, tmp_path):
+    """The crawl's label-noise step asks the embedded web for /ground_truth.json through the fetcher:
+    a redirect to an internal host is refused there like any other."""
+    inside = Internal({})
+    internal = serve(inside, host="127.0.0.2")
+
+    async def ground_truth(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": f"{internal}/ground_truth.json"})
+
+    app = web.Application()
+    app.router.add_get("/ground_truth.json", ground_truth)
+    with ServerThread(app) as web_server:
+        cfg = build.CrawlConfig(out=str(tmp_path), provider="localweb", api_base=web_server.base_url)
+        assert build._label_noise(cfg, tmp_path) is None
+    assert inside.requests == []
