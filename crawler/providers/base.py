@@ -261,9 +261,13 @@ class JsonApi:
         credentialed = self._carries_secret(params, data, headers)
         home, current = origin(url), url
         for _ in range(MAX_REDIRECTS + 1):
-            if check_scheme(current):
-                raise ProviderError(self.provider, shown, None, f"redirected to a non-http(s) URL {_origin_text(current)}")
-            with connecting_to(URL(current).raw_host or "") as destination:
+            try:
+                peer = URL(current).raw_host or ""  # the host as aiohttp resolves and connects to it
+            except ValueError:
+                peer = None
+            if check_scheme(current) or peer is None:
+                raise ProviderError(self.provider, shown, None, "redirected to a URL that is not http(s) with a host")
+            with connecting_to(peer) as destination:
                 try:
                     async with session.request(method, current, params=params, data=data, headers=headers,
                                                allow_redirects=False) as resp:
