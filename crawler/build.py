@@ -3,7 +3,7 @@
     python -m crawler.build --queries queries.yaml --provider openverse --out runs/web
     python -m crawler.build --provider urllist --input urls.csv --out runs/list --faces none
     python -m crawler.build --provider localweb --api-base http://127.0.0.1:8000 \\
-        --allow-host 127.0.0.1 --out runs/demo --resume --ray-address auto
+        --allow-host 127.0.0.1:8000 --out runs/demo --resume --ray-address auto
 
 Stages and files, in OUT:
 1. discovery (`crawler.discover`) writes `candidates.parquet` first (reused on resume);
@@ -39,7 +39,6 @@ import random
 import sys
 import time
 import typing
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,8 @@ from tqdm import tqdm
 
 from crawler.distribute import DistributeConfig, open_runner
 from crawler.faces import HAAR_INSTALL, MTCNN_INSTALL
-from crawler.netguard import check_scheme
+from crawler.fetch import Fetcher
+from crawler.netguard import check_scheme, origin_entry
 from crawler.pipeline import (
     DECODE_FAILURES,
     DROPPED_SCHEMA,
@@ -107,6 +107,8 @@ class CrawlConfig:
     #: Results asked per query; None: 200 for a search API, all of it for a URL list.
     per_query: int | None = None
     discover_concurrency: int = 4
+    #: Largest search-API answer read, in bytes after decompression (`discover.max_bytes`).
+    discover_max_bytes: int = 16 * 1024 * 1024
     #: Extra provider settings (see crawler.providers.get_provider), e.g. {"max_retries": 0}.
     provider_settings: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
@@ -131,7 +133,8 @@ class CrawlConfig:
             settings["input"] = self.input
         per_query = self.per_query or (10**12 if self.provider == "urllist" else 200)
         return DiscoverConfig(provider=self.provider, api_base=self.api_base, per_query=per_query,
-                              concurrency=self.discover_concurrency, settings=settings, progress=self.progress)
+                              concurrency=self.discover_concurrency, settings=settings, progress=self.progress,
+                              allow_hosts=self.pipeline.fetch.allow_hosts, max_bytes=self.discover_max_bytes)
 
     def validate(self) -> "CrawlConfig":
         """Check every setting before any work starts; raises CrawlConfigError naming the fault."""
@@ -150,7 +153,8 @@ class CrawlConfig:
                 raise ValueError(f"queries file {self.queries} does not exist")
             if self.per_query is not None and self.per_query < 1:
                 raise ValueError(f"per_query must be positive, got {self.per_query}")
-            for name in ("discover_concurrency", "work_shard_size", "max_shard_samples", "max_shard_bytes"):
+            for name in ("discover_concurrency", "discover_max_bytes", "work_shard_size", "max_shard_samples",
+                         "max_shard_bytes"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
             self.pipeline.validate()
@@ -409,11 +413,18 @@ def _label_noise(cfg: CrawlConfig, out: Path) -> dict[str, Any] | None:
     from shards.manifest import read_manifest
 
     url = cfg.api_base.rstrip("/") + "/ground_truth.json"
+    # Through the fetcher and its guard, like every request of the crawl: the API's own host and port
+    # are allowed (the crawl was pointed at them), nothing else beyond the crawl's allow-list.
+    fetch = dataclasses.replace(cfg.pipeline.fetch, allow_hosts=(*cfg.pipeline.fetch.allow_hosts,
+                                                                 origin_entry(cfg.api_base)))
+    (result,) = Fetcher(fetch).fetch_all([url])
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": cfg.pipeline.fetch.user_agent})
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            truth = json.load(resp)
-    except (OSError, ValueError) as exc:
+        if not result.ok:
+            raise ValueError(f"{result.status}: {result.error}")
+        truth = json.loads(result.data or b"")
+        if not isinstance(truth, dict):
+            raise ValueError(f"a JSON {type(truth).__name__}, not an object")
+    except ValueError as exc:
         log.info("no ground truth at %s (%s): label noise not measured", url, exc)
         return None
     rows = read_manifest(str(out), columns=["url", "label_name"]).to_pylist()
@@ -457,6 +468,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 _SECTIONS = {"fetch": "pipeline.fetch", "decode": "pipeline.decode", "faces": "pipeline.faces",
              "dedupe": "pipeline.dedupe", "frames": "pipeline.frames", "conflicts": "pipeline.conflicts", "jpeg_quality": "pipeline.jpeg_quality",
              "torch_threads": "pipeline.torch_threads"}
+#: Discovery's settings by their section-style names: "discover.max_bytes" means "discover_max_bytes".
+_DISCOVER = {"discover.max_bytes": "discover_max_bytes", "discover.concurrency": "discover_concurrency"}
 
 
 def override(obj: Any, path: str, value: Any, *, prefix: str = "") -> Any:
@@ -464,6 +477,8 @@ def override(obj: Any, path: str, value: Any, *, prefix: str = "") -> Any:
 
     `prefix` is the path down to `obj`, so an error names the whole setting.
     """
+    if path in _DISCOVER and obj.__class__ is CrawlConfig:
+        path = _DISCOVER[path]
     head, _, rest = path.partition(".")
     if head in _SECTIONS and obj.__class__ is CrawlConfig:
         return override(obj, _SECTIONS[head] + (f".{rest}" if rest else ""), value)
@@ -498,8 +513,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="the URL list for --provider urllist (csv, tsv, jsonl, parquet: url,label[,query])")
     p.add_argument("--out", required=True, help="output directory (the shard set and the crawl's state)")
     p.add_argument("--faces", choices=("mtcnn", "haar", "none"), help="face detector (default mtcnn)")
-    p.add_argument("--allow-host", action="extend", nargs="+", default=[], metavar="HOST",
-                   help="hosts, addresses or networks exempt from the private-address refusal (one or more; repeatable)")
+    p.add_argument("--allow-host", action="extend", nargs="+", default=[], metavar="HOST[:PORT]",
+                   help="hosts, addresses or networks exempt from the private-address refusal, each for one port "
+                        "(127.0.0.1:8470, [::1]:8470, 127.0.0.0/8:8470) or every port (no :PORT); one or more, "
+                        "repeatable")
     p.add_argument("--allow-youtube", action="store_true",
                    help="opt in to --provider youtube (YouTube's terms restrict downloading; needs scn-scale[video])")
     p.add_argument("--resume", action="store_true", help="continue the crawl already in --out")

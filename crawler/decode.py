@@ -19,6 +19,8 @@ from typing import Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shards.pixels import DEFAULT_MAX_PIXELS
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -27,7 +29,7 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 @dataclass(frozen=True)
 class DecodeConfig:
     #: Largest accepted image, in pixels, read from the header before decoding.
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     #: Smallest accepted side, in pixels (0: any); smaller pictures are counted as `too_small`. Under 32 px
     #: a picture holds no face worth a 112 px crop (it would be blur upscaled 3.5x and more, and FER's
     #: smallest common source, FER2013, is 48 px); it matters for `--faces none`, where the picture *is*

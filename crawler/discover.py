@@ -7,6 +7,13 @@ order whatever order the requests finished in, so the same queries give the same
 file. A query that fails is recorded and the others go on; if every query fails,
 the run is misconfigured and raises. The candidates file is written atomically and,
 once there, is reused: discovery is not repeated unless forced.
+
+Search APIs are asked through a `crawler.http.guarded_session`: the address guard checks
+every connection, as the fetcher's, with the crawl's allow-list plus exactly the host and
+port of the provider's `api_base` (chosen by whoever runs the crawl); a redirect
+elsewhere is checked like any other address. An answer is read up to `max_bytes`
+(decompressed). A provider answer of a shape the provider cannot read ends its query with
+one error line, like any other failed query.
 """
 
 from __future__ import annotations
@@ -16,15 +23,20 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from tqdm import tqdm
 
 from crawler.candidate import Candidate, MergedCandidate, read_candidates, write_candidates
-from crawler.providers import OwnsQueries, Provider, ProviderError, get_provider
+from crawler.http import guarded_session
+from crawler.netguard import AllowList, origin_entry
+from crawler.providers import OwnsQueries, Provider, ProviderError, get_provider, settings_of
+from crawler.providers.base import DEFAULT_MAX_BYTES
 from crawler.queries import Query, load_queries
 from shards.classes import CANONICAL
+
+if TYPE_CHECKING:
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +47,11 @@ class DiscoveryError(RuntimeError):
 
 @dataclass
 class DiscoverConfig:
-    """Which provider to ask and how much: `settings` are passed to `get_provider` (see crawler.providers)."""
+    """Which provider to ask and how much: `settings` are passed to `get_provider` (see crawler.providers).
+
+    `allow_hosts`: the crawl's allow-list (`fetch.allow_hosts`); `max_bytes`: the largest API
+    answer read, decompressed, for providers that ask an API.
+    """
 
     provider: str
     api_base: str | None = None
@@ -43,13 +59,25 @@ class DiscoverConfig:
     concurrency: int = 4
     settings: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    allow_hosts: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
-        if self.per_query < 1 or self.concurrency < 1:
-            raise ValueError(f"per_query and concurrency must be positive, got {self.per_query}, {self.concurrency}")
+        if self.per_query < 1 or self.concurrency < 1 or self.max_bytes < 1:
+            raise ValueError(f"per_query, concurrency and max_bytes must be positive, got {self.per_query}, "
+                             f"{self.concurrency}, {self.max_bytes}")
+        AllowList.parse(self.allow_hosts)  # raises on a malformed entry
 
     def build_provider(self) -> Provider:
-        return get_provider(self.provider, api_base=self.api_base, **self.settings)
+        settings = dict(self.settings)
+        if "max_bytes" in settings_of(self.provider):
+            settings.setdefault("max_bytes", self.max_bytes)
+        return get_provider(self.provider, api_base=self.api_base, **settings)
+
+    def allow_list(self, provider: Provider) -> AllowList:
+        """The crawl's allow-list and the provider's API host and port."""
+        base = getattr(provider, "api_base", None)
+        return AllowList.parse([*self.allow_hosts, *([origin_entry(base)] if base else [])])
 
 
 @dataclass
@@ -78,7 +106,7 @@ async def discover_async(
     pending = iter(range(len(queries)))
     workers = max(1, min(cfg.concurrency, provider.rate.concurrency, len(queries)))
     with tqdm(total=len(queries), desc=f"discover {provider.name}", unit="query", disable=not cfg.progress) as bar:
-        async with aiohttp.ClientSession() as session:
+        async with guarded_session(cfg.allow_list(provider), concurrency=workers) as session:
 
             async def work() -> None:
                 for i in pending:
@@ -86,6 +114,10 @@ async def discover_async(
                         await _run_query(session, provider, queries[i], cap, results[i])
                     except ProviderError as exc:
                         errors[i] = f"{queries[i].text!r} ({queries[i].lang}): {exc}"
+                    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field missing or of another type
+                        errors[i] = (f"{queries[i].text!r} ({queries[i].lang}): {provider.name}: an answer of a shape "
+                                     f"the provider cannot read ({type(exc).__name__}: {str(exc)[:80]})")
+                    if i in errors:
                         logger.warning("query failed after %d results: %s", len(results[i]), errors[i])
                     bar.update(1)
 
@@ -94,7 +126,7 @@ async def discover_async(
 
 
 async def _run_query(
-    session: aiohttp.ClientSession, provider: Provider, query: Query, cap: int, found: list[Candidate]
+    session: "aiohttp.ClientSession", provider: Provider, query: Query, cap: int, found: list[Candidate]
 ) -> None:
     """Page through one query into `found` (filled in place, so a failure keeps the pages already read)."""
     cursor: str | None = None

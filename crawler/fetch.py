@@ -4,7 +4,8 @@ asyncio + aiohttp on a background thread, so the process that consumes the resul
 (decoding, face detection) never stalls the network and the network never waits on a
 slow consumer mid-read. What img2dataset's downloader lacks, and this adds:
 
-- one deadline per HTTP request (connect, headers and body together), not per socket read;
+- one deadline per HTTP request (connect, headers and body together), not per socket read,
+  and one total deadline per URL (`total_timeout_s`) across its redirects, retries and waits;
 - a streaming byte cap: a body over `max_bytes` is abandoned as soon as it is known to be
   (from Content-Length, or while reading), never buffered whole;
 - a byte budget for bodies (`inflight_bytes`): room for a body (its Content-Length, else the
@@ -20,8 +21,10 @@ slow consumer mid-read. What img2dataset's downloader lacks, and this adds:
   every connection, whatever spelling or DNS answer led there, unless allow-listed
   (`crawler.netguard`); redirects followed by hand, bounded and loop-checked.
 
-A deadline covers one HTTP request; a redirect hop is a new request with its own; time
-spent waiting for room in the byte budget is ours, not the server's, and does not count.
+A deadline covers one HTTP request; a redirect hop is a new request with its own, and all
+of a URL's requests and retry waits draw on its total deadline, so redirects and retries
+cannot stretch one URL to many times `timeout_s`. Time spent waiting for room in the byte
+budget, a per-host slot or a rate token is ours, not the server's, and counts for neither.
 Results are bounded in memory: at most `buffer` results exist between the network and
 the consumer (fetched-but-unconsumed plus in flight), holding at most `inflight_bytes`.
 """
@@ -31,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import logging
 import queue
 import re
@@ -41,8 +43,8 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
 from urllib.parse import urljoin, urlsplit
 
-from crawler.http import USER_AGENT, backoff_seconds, retry_after_seconds
-from crawler.netguard import AllowList, check_scheme, connecting_to, guarded_socket_factory
+from crawler.http import USER_AGENT, backoff_seconds, guarded_session, read_body, retry_after_seconds
+from crawler.netguard import AllowList, check_scheme, connecting_to
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ OK_CODES = frozenset({200, 203})
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 #: X-Robots-Tag directives that themselves contain a colon (so are not an agent prefix).
 _COLON_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
-_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class FetchConfig:
     """Settings of the fetch stage (picklable; the same object configures a process or a Ray task)."""
 
     timeout_s: float = 20.0
+    #: One URL's whole time: every redirect hop, retry and retry wait (our own queueing excluded).
+    total_timeout_s: float = 60.0
     max_bytes: int = 25 * 1024 * 1024
     retries: int = 2
     backoff_s: float = 1.0
@@ -84,6 +87,7 @@ class FetchConfig:
     def validate(self) -> "FetchConfig":
         positive = {
             "timeout_s": self.timeout_s,
+            "total_timeout_s": self.total_timeout_s,
             "max_bytes": self.max_bytes,
             "concurrency": self.concurrency,
             "per_host_concurrency": self.per_host_concurrency,
@@ -347,21 +351,7 @@ class Fetcher:
     # -- the asynchronous core ------------------------------------------------------------
 
     def session(self):
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(
-            limit=self.config.concurrency,
-            limit_per_host=0,  # per-host slots are ours (HostLimits), one per hop
-            socket_factory=guarded_socket_factory(self.allow),
-            ttl_dns_cache=300,
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": self.config.user_agent},
-            timeout=aiohttp.ClientTimeout(total=None),  # the deadline is ours, per request
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        return guarded_session(self.allow, user_agent=self.config.user_agent, concurrency=self.config.concurrency)
 
     async def run(self, urls: Sequence[str], emit, slots: _Gate, budget: _Gate) -> None:
         """Fetch `urls` with `concurrency` workers, calling `emit((index, result))` for each.
@@ -380,12 +370,13 @@ class Fetcher:
             await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(urls)))))
 
     async def fetch(self, session, limits: HostLimits, budget: _Gate, url: str) -> FetchResult:
-        """One URL with its retries; never raises for a per-URL fault."""
+        """One URL with its retries, within `total_timeout_s`; never raises for a per-URL fault."""
         cfg = self.config
         start = time.monotonic()
+        allowance = _Allowance(cfg.total_timeout_s)
         attempt = 0
         while True:
-            result, wait = await self._attempt(session, limits, budget, url)
+            result, wait = await self._attempt(session, limits, budget, url, allowance)
             result.attempts = attempt + 1
             if not _retryable(result.status) or attempt >= cfg.retries:
                 break
@@ -394,24 +385,29 @@ class Fetcher:
             elif wait > cfg.retry_after_max_s:
                 result.error = f"{result.error}; Retry-After {wait:.0f}s exceeds retry_after_max_s"
                 break
+            if wait >= allowance.left:
+                result.error = f"{result.error}; no time left for a retry within total_timeout_s {cfg.total_timeout_s}s"
+                break
             host = urlsplit(result.final_url or url).hostname or ""
             if result.status == "http_429" or result.http_status == 503:
                 limits.pause(host, wait)
             log.debug("retrying %s after %s in %.2fs", url, result.status, wait)
             await asyncio.sleep(wait)
+            allowance.left -= wait
             attempt += 1
         result.elapsed_s = time.monotonic() - start
         return result
 
-    async def _attempt(self, session, limits: HostLimits, budget: _Gate,
-                       url: str) -> tuple[FetchResult, float | None]:
+    async def _attempt(self, session, limits: HostLimits, budget: _Gate, url: str,
+                       allowance: "_Allowance") -> tuple[FetchResult, float | None]:
         """Follow one URL through its redirects; returns the result and any Retry-After."""
         import aiohttp
         from yarl import URL
 
+        cfg = self.config
         seen = {url}
         current = url
-        for hop in range(self.config.max_redirects + 1):
+        for hop in range(cfg.max_redirects + 1):
             reason = check_scheme(current)
             if reason:
                 return FetchResult(url, reason, error=f"only http(s) URLs are fetched: {current[:200]}",
@@ -421,13 +417,23 @@ class Fetcher:
                 peer = URL(current).raw_host or ""  # the host as aiohttp resolves and connects to it
             except ValueError as exc:
                 return FetchResult(url, "bad_url", error=str(exc)[:300], final_url=current), None
+            if allowance.left <= 0:
+                return FetchResult(url, "timeout", error=f"total_timeout_s {cfg.total_timeout_s}s spent "
+                                   "(redirects and retries included)", final_url=current), None
             with connecting_to(peer) as destination:
                 try:
                     async with limits.slot(host):
-                        async with asyncio.timeout(self.config.timeout_s) as deadline:
-                            outcome = await self._request(session, budget, deadline, url, current)
+                        hop_s = min(cfg.timeout_s, allowance.left)
+                        began = asyncio.get_running_loop().time()
+                        try:
+                            async with asyncio.timeout(hop_s) as deadline:
+                                outcome = await self._request(session, budget, deadline, url, current, allowance)
+                        finally:
+                            allowance.left -= asyncio.get_running_loop().time() - began
                 except TimeoutError:
-                    return FetchResult(url, "timeout", error=f"no complete response within {self.config.timeout_s}s",
+                    within = (f"{cfg.timeout_s}s" if hop_s == cfg.timeout_s else
+                              f"total_timeout_s {cfg.total_timeout_s}s (redirects and retries included)")
+                    return FetchResult(url, "timeout", error=f"no complete response within {within}",
                                        final_url=current), None
                 except (aiohttp.InvalidURL, ValueError) as exc:
                     return FetchResult(url, "bad_url", error=str(exc)[:300], final_url=current), None
@@ -448,10 +454,11 @@ class Fetcher:
                 continue
             result, wait = outcome
             return result, wait
-        return FetchResult(url, "too_many_redirects", error=f"more than {self.config.max_redirects} redirects",
+        return FetchResult(url, "too_many_redirects", error=f"more than {cfg.max_redirects} redirects",
                            final_url=current), None
 
-    async def _request(self, session, budget: _Gate, deadline: asyncio.Timeout, url: str, current: str):
+    async def _request(self, session, budget: _Gate, deadline: asyncio.Timeout, url: str, current: str,
+                       allowance: "_Allowance"):
         """One HTTP request: a redirect target (str), or (FetchResult, Retry-After seconds).
 
         An ok result's body keeps its bytes of `budget` (the consumer gives them back);
@@ -487,11 +494,13 @@ class Fetcher:
             loop = asyncio.get_running_loop()
             left = deadline.when() - loop.time()
             deadline.reschedule(None)  # waiting for room is our own queueing, not the server's slowness
+            waited = loop.time()
             await budget.acquire(room)
+            allowance.left += loop.time() - waited
             deadline.reschedule(loop.time() + left)
             data = None
             try:
-                data = await _read_body(resp, room)
+                data = await read_body(resp, room)
             finally:
                 budget.release(room - len(data or b""))  # an ok body keeps its own bytes
             if data is None:
@@ -504,11 +513,8 @@ class Fetcher:
             return FetchResult(url, "ok", data=data, http_status=code, final_url=current, content_type=ctype), None
 
 
-async def _read_body(resp, limit: int) -> bytes | None:
-    """The body, or None once it passes `limit` bytes; one growing buffer, never the chunks and their join at once."""
-    buffer = io.BytesIO()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        if buffer.tell() + len(chunk) > limit:
-            return None
-        buffer.write(chunk)
-    return buffer.getvalue()
+@dataclass
+class _Allowance:
+    """What is left of one URL's `total_timeout_s`, in seconds: spent by its requests and retry waits."""
+
+    left: float

@@ -8,6 +8,16 @@ time is reached by seeking to the keyframe before it and decoding forward, so a 
 video costs a few group-of-pictures decodes, not a full decode. Frame size is checked
 against `max_pixels` before a frame is converted, as the image decoder checks headers.
 PyAV (FFmpeg) is an optional extra, imported on first use.
+
+Video bytes come from the open web, and FFmpeg left to guess a format from them obeys
+some formats that open other things: an ffconcat list reads files of the working
+directory (a frame of `secret.png` would become a sample), SDP opens UDP sockets, HLS
+and DASH playlists fetch segment URLs, image2 reads file patterns, tty renders text as a
+picture. So the container is named here from its own magic bytes, and only the formats a
+video file is (`CONTAINERS`: ISO BMFF, i.e. MP4/MOV/M4A/3GP, and Matroska/WebM) are opened,
+with that demuxer forced (FFmpeg never guesses), `format_whitelist` holding only those
+demuxers and `protocol_whitelist` naming no protocol, so a demuxer cannot open a file or a
+socket of its own; only the bytes in memory are read. Anything else is `not_video`.
 """
 
 from __future__ import annotations
@@ -19,6 +29,15 @@ from typing import Any
 from PIL import Image
 
 INSTALL_HINT = "pip install 'scn-scale[video]'"
+
+#: FFmpeg demuxer -> what it reads. Nothing else is ever opened.
+CONTAINERS = {"mov": "ISO BMFF: MP4, MOV, M4A, 3GP", "matroska": "Matroska, WebM"}
+#: Box types an ISO BMFF file starts with (`ftyp`; QuickTime files may start with another top-level box).
+_ISO_BMFF_FIRST_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide"})
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+#: What FFmpeg is told: these demuxers only, and no protocol at all for anything a demuxer would open
+#: itself (no FFmpeg protocol is called "none"; the input is read from memory, through no protocol).
+FFMPEG_OPTIONS = {"format_whitelist": ",".join(CONTAINERS), "protocol_whitelist": "none"}
 
 
 @dataclass(frozen=True)
@@ -78,11 +97,24 @@ def _av() -> Any:
     return av
 
 
+def container_format(data: bytes) -> str | None:
+    """The demuxer of `CONTAINERS` whose magic bytes `data` starts with, or None."""
+    if len(data) >= 8 and data[4:8] in _ISO_BMFF_FIRST_BOXES:
+        return "mov"
+    if data.startswith(_EBML_MAGIC):
+        return "matroska"
+    return None
+
+
 def sample_frames(data: bytes, cfg: FrameConfig) -> FrameResult:
     """Frames of one video at `sample_times`; a broken or hostile file is a status, never an exception."""
     av = _av()
+    fmt = container_format(data)
+    if fmt is None:
+        return FrameResult("not_video", error=f"not a video container ({'; '.join(CONTAINERS.values())}): "
+                                              f"starts with {data[:16]!r}")
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(io.BytesIO(data), mode="r", format=fmt, options=FFMPEG_OPTIONS)
     except av.error.FFmpegError as e:
         return FrameResult("not_video", error=f"{type(e).__name__}: {e}"[:300])
     with container:

@@ -11,6 +11,13 @@ exactly as the fetcher's are; a refusal is answered 403 and recorded in `refused
 It serves one request per client connection (it asks the server to close after the
 response), so a kept-alive connection can never carry a second request to another host.
 It runs on its own event loop in a thread for as long as its `with` block.
+
+yt-dlp reads a page whole and has no deadline of its own beyond a per-read timeout, so a
+page trickling a byte a second would hold a crawl for good and an endless one would be
+buffered without bound. One proxy serves one page (or one search), and is its budget: at
+most `max_bytes` relayed from servers in all, and `total_s` from the start of the `with`
+block. Past either, every open connection is closed and every new one answered 504, so
+yt-dlp fails at once; `exceeded` says which limit ended it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import asyncio
 import socket
 import threading
 from types import TracebackType
+from typing import Callable
 from urllib.parse import urlsplit
 
 import aiohappyeyeballs
@@ -37,12 +45,21 @@ class BadRequest(ValueError):
 class GuardProxy:
     """`with GuardProxy(allow, timeout_s) as proxy:` yt-dlp's `proxy=proxy.url` inside the block."""
 
-    def __init__(self, allow: AllowList, timeout_s: float) -> None:
+    def __init__(self, allow: AllowList, timeout_s: float, max_bytes: int | None = None,
+                 total_s: float | None = None) -> None:
+        """`timeout_s`: for each connection's request head and upstream connect; `max_bytes`: bytes relayed
+        from servers, all connections together; `total_s`: the whole block's time (None: no limit)."""
         self.allow = allow
         self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.total_s = total_s
         self.url = ""
         #: Why each refused connection was refused (the guard's messages), in order.
         self.refused: list[str] = []
+        #: Why the proxy stopped relaying ("timeout: ..." or "too_large: ..."), or None.
+        self.exceeded: str | None = None
+        self.relayed = 0
+        self._handlers: set[asyncio.Task] = set()
         self._factory = guarded_socket_factory(allow)
         self._started = threading.Event()
         self._failure: BaseException | None = None
@@ -78,9 +95,28 @@ class GuardProxy:
             host, port = server.sockets[0].getsockname()[:2]
             self.url = f"http://{host}:{port}"
             self._started.set()
-            await self._stop.wait()
+            try:
+                async with asyncio.timeout(self.total_s):
+                    await self._stop.wait()
+            except TimeoutError:
+                self._give_up(f"timeout: no complete answer within {self.total_s}s")
+                await self._stop.wait()
+
+    def _give_up(self, reason: str) -> None:
+        """Stop relaying for good: close every open connection (their handlers are cancelled)."""
+        if self.exceeded is None:
+            self.exceeded = reason
+        for task in self._handlers:
+            task.cancel()
 
     async def _handle(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        if self.exceeded is not None:
+            _reply(client_out, 504, f"the page's budget is spent ({self.exceeded})")
+            client_out.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             async with asyncio.timeout(self.timeout_s):
                 head = await client_in.readuntil(b"\r\n\r\n")
@@ -94,7 +130,7 @@ class GuardProxy:
                 client_out.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
                 server_out.write(forward)
-            await _splice(client_in, server_out, server_in, client_out)
+            await _splice(client_in, server_out, server_in, client_out, self._count)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # the client left, or sent a head larger than the reader's limit
         except ValueError as exc:  # BadRequest, or a host name IDNA cannot encode
@@ -104,7 +140,14 @@ class GuardProxy:
         except asyncio.CancelledError:
             pass  # the proxy is closing (Python 3.11's streams log a handler that ends cancelled as an error)
         finally:
+            self._handlers.discard(task)
             client_out.close()
+
+    def _count(self, n: int) -> None:
+        """`n` more bytes from a server: past `max_bytes` in all, the proxy gives up."""
+        self.relayed += n
+        if self.max_bytes is not None and self.relayed > self.max_bytes:
+            self._give_up(f"too_large: more than {self.max_bytes} bytes")
 
     async def _connect(self, host: str, port: int) -> socket.socket | None:
         """A socket connected to an allowed address of `host`, or None when the guard refused them all."""
@@ -148,9 +191,11 @@ def _parse_head(head: bytes) -> tuple[str, int, bytes | None]:
 
 
 async def _splice(client_in: asyncio.StreamReader, server_out: asyncio.StreamWriter,
-                  server_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
-    """Copy both ways until either side is done, then close the upstream connection."""
-    copies = [asyncio.create_task(_copy(client_in, server_out)), asyncio.create_task(_copy(server_in, client_out))]
+                  server_in: asyncio.StreamReader, client_out: asyncio.StreamWriter,
+                  count: Callable[[int], None]) -> None:
+    """Copy both ways until either side is done, then close the upstream connection; `count` sees what servers send."""
+    copies = [asyncio.create_task(_copy(client_in, server_out)),
+              asyncio.create_task(_copy(server_in, client_out, count))]
     try:
         await asyncio.wait(copies, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -159,9 +204,12 @@ async def _splice(client_in: asyncio.StreamReader, server_out: asyncio.StreamWri
         server_out.close()
 
 
-async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                count: Callable[[int], None] | None = None) -> None:
     try:
         while chunk := await source.read(_CHUNK):
+            if count is not None:
+                count(len(chunk))
             sink.write(chunk)
             await sink.drain()
     except ConnectionError:
@@ -170,6 +218,6 @@ async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
 
 def _reply(client_out: asyncio.StreamWriter, status: int, text: str) -> None:
     body = text.encode("utf-8", "replace")
-    reason = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}[status]
+    reason = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway", 504: "Gateway Timeout"}[status]
     client_out.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii") + body)

@@ -172,7 +172,8 @@ class _Stages:
             from crawler.resolve import Resolver
 
             fetch = config.fetch
-            self.resolver = Resolver(AllowList.parse(fetch.allow_hosts), fetch.timeout_s, fetch.user_agent)
+            self.resolver = Resolver(AllowList.parse(fetch.allow_hosts), fetch.timeout_s, fetch.user_agent,
+                                     max_bytes=fetch.max_bytes, total_s=fetch.total_timeout_s)
         return self.resolver
 
 

@@ -8,7 +8,10 @@ under its address guard, deadline and byte cap. yt-dlp's own requests (the page,
 redirects, whatever the extractor fetches) go through a `GuardProxy` of this process,
 which applies the same guard where each connection is made, and only the extractors the
 project uses are loaded (YouTube's and the generic one, for direct links and plain
-pages). yt-dlp is an optional extra, imported on first use, and reached only for
+pages). Each page has one byte cap and one deadline for all of yt-dlp's requests for it
+(the proxy's `max_bytes` and `total_s`: the fetcher's `max_bytes` and `total_timeout_s`),
+so a page that trickles or never ends costs at most those and ends as `timeout` or
+`too_large`. yt-dlp is an optional extra, imported on first use, and reached only for
 `video_page` candidates, which only the opt-in YouTube provider and URL lists that ask
 for them produce.
 """
@@ -34,7 +37,7 @@ EXTRACTORS = ["youtube", "generic"]
 @dataclass
 class Resolved:
     page_url: str
-    status: str  # "ok", "bad_scheme", "forbidden_address", "resolve_failed"
+    status: str  # "ok", "bad_scheme", "forbidden_address", "timeout", "too_large", "resolve_failed"
     media_url: str | None = None
     error: str | None = None
     title: str | None = None
@@ -51,7 +54,9 @@ class YtDlpLog:
 
 
 class Resolver:
-    def __init__(self, allow: AllowList, timeout_s: float = 20.0, user_agent: str | None = None) -> None:
+    def __init__(self, allow: AllowList, timeout_s: float = 20.0, user_agent: str | None = None,
+                 max_bytes: int = 25 * 1024 * 1024, total_s: float = 60.0) -> None:
+        """`timeout_s` per socket read and connect; `max_bytes` and `total_s` for all the requests of one page."""
         try:
             import yt_dlp
         except ImportError:
@@ -59,6 +64,8 @@ class Resolver:
         self._yt_dlp = yt_dlp
         self.allow = allow
         self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.total_s = total_s
         self.options: dict[str, Any] = {
             "quiet": True, "no_warnings": True, "skip_download": True, "noplaylist": True, "format": FORMAT,
             "socket_timeout": timeout_s, "retries": 1, "extractor_retries": 1, "logger": YtDlpLog(),
@@ -71,13 +78,16 @@ class Resolver:
         """One page's media URL, or why there is none (a status, never an exception)."""
         if check_scheme(page_url):
             return Resolved(page_url, "bad_scheme", error="only http and https pages are resolved")
-        with GuardProxy(self.allow, self.timeout_s) as proxy:
+        with GuardProxy(self.allow, self.timeout_s, self.max_bytes, self.total_s) as proxy:
             try:
                 with self._yt_dlp.YoutubeDL({**self.options, "proxy": proxy.url}) as ydl:
                     info = ydl.extract_info(page_url, download=False) or {}
             except Exception as e:  # yt-dlp's DownloadError wraps every extractor and network fault
                 if proxy.refused:
                     return Resolved(page_url, "forbidden_address", error=proxy.refused[0])
+                if proxy.exceeded:
+                    status, _, why = proxy.exceeded.partition(": ")
+                    return Resolved(page_url, status, error=f"yt-dlp's requests for the page: {why}")
                 return Resolved(page_url, "resolve_failed", error=f"{type(e).__name__}: {e}"[:300])
         media = info.get("url") or next((f.get("url") for f in info.get("requested_formats") or [] if f.get("url")), None)
         if not media:

@@ -45,6 +45,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -521,7 +522,8 @@ class Demo:
         p, s = self.paths, self.scale
         self.sup.run("crawl", self._py(
             "crawler.build", "--provider", "localweb", "--api-base", self.web_url, "--out", p.crawl,
-            "--faces", "none", "--allow-host", "127.0.0.1", "--workers", 2,
+            # Only the embedded web's own port: not whatever else listens on this machine's loopback.
+            "--faces", "none", "--allow-host", f"127.0.0.1:{urlsplit(self.web_url).port}", "--workers", 2,
             # Our own server on loopback: no politeness limit (the default is 10 requests/s per host).
             "--set", "fetch.per_host_rate=0",
             # The web's duplicates are byte copies (the exact stage drops them). Synthetic faces share

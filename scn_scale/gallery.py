@@ -31,6 +31,7 @@ from PIL import Image
 
 from shards.fs import join, open_fs
 from shards.manifest import MANIFEST_NAME
+from shards.pixels import TooManyPixels, image_size
 from shards.sample import IMAGE_EXTENSIONS
 from shards.tario import TarFormatError, iter_members, members_at
 
@@ -182,11 +183,10 @@ def contact_sheet(rows: Sequence[Sequence[Tile]], title: str, row_titles: Sequen
 
 
 def _draw_tile(ax: Axes, tile: Tile) -> None:
-    pixels = _pixels(tile.image)
+    pixels, why = _pixels(tile.image)
     if pixels is None:
         ax.set_facecolor("0.93")
-        ax.text(0.5, 0.5, "no image" if tile.image is None else "unreadable", ha="center", va="center",
-                fontsize=7, color="gray", transform=ax.transAxes)
+        ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=7, color="gray", transform=ax.transAxes)
     else:
         ax.imshow(pixels)
     ax.set_xlabel(tile.caption, fontsize=7)
@@ -198,15 +198,21 @@ def _draw_tile(ax: Axes, tile: Tile) -> None:
             spine.set_linewidth(3)
 
 
-def _pixels(data: bytes | None) -> np.ndarray | None:
+def _pixels(data: bytes | None) -> tuple[np.ndarray | None, str]:
+    """The tile's pixels, or None and what the tile says instead. The header is checked against the
+    pixel cap before decoding: a shard's pixel bomb is drawn as a grey tile, not decoded."""
     if data is None:
-        return None
+        return None, "no image"
     try:
+        image_size(data)
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB")), ""
+    except TooManyPixels as exc:
+        log.warning("an image of %d bytes skipped: %s", len(data), exc)
+        return None, "too many pixels"
     except Exception as exc:  # Pillow raises many types for bad bytes; the tile says "unreadable"
         log.warning("an image of %d bytes does not decode: %s", len(data), exc)
-        return None
+        return None, "unreadable"
 
 
 # -- the galleries ------------------------------------------------------------------------

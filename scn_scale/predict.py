@@ -31,6 +31,7 @@ from scn_scale.evaluate import CHECKPOINT_HELP, IMAGE_SIZE_HELP, load_checkpoint
 from scn_scale.model import SCNModel
 from scn_scale.weights import WeightLoadError
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
+from shards import pixels
 
 if TYPE_CHECKING:
     from crawler.faces import FaceStage
@@ -110,6 +111,7 @@ def _predictions(
     """`iter_predictions` once its face stage is loaded (None: the images are face crops)."""
     for path in map(Path, files):
         try:
+            pixels.image_size(path)  # a header declaring more pixels than the cap is skipped before decoding
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except Exception as exc:  # a missing file, a directory, and the many types Pillow raises for bad bytes

@@ -19,7 +19,9 @@ that count per sample must de-duplicate by key.
 
 Shards come from crawls of the open web and from other tools, so reading never stops or
 hangs on a malformed tar or sample: each fault is logged with its shard and offset,
-counted once per epoch as skipped, and reading goes on with the next piece.
+counted once per epoch as skipped, and reading goes on with the next piece. An image whose
+header declares more pixels than `max_pixels` (`shards.pixels`) is one such fault: it is
+skipped before any decoder sees it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from webdataset.filters import default_collation_fn
 from webdataset.pytorch import DataLoader, IterableDataset
 
 from shards.fs import join, open_fs, to_url
+from shards.pixels import DEFAULT_MAX_PIXELS, image_size
 from shards.sample import IMAGE_EXTENSIONS
 from shards.tario import iter_members, name_at
 from shards.writer import SIZES_NAME, STATS_NAME
@@ -242,7 +245,8 @@ class _Skips:
 class ShardStream(IterableDataset):
     """Batches of decoded samples for one rank; give it to `make_loader`, not to a DataLoader directly.
 
-    Each image is decoded by `decode` (bytes in) and then passed through `transform`.
+    Each image is checked against `max_pixels` from its header, decoded by `decode` (bytes
+    in) and then passed through `transform`.
     Each batch is a dict: `image` (the transform's outputs, collated), `label` (class
     indices, after static label overrides), `key` (list of sample keys), `row` (each
     sample's row in the set's manifest, so that per-sample state needs no lookup by key;
@@ -267,8 +271,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         interleave: int = 1,
         balanced: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.shard_set = shard_set
+        self.max_pixels = max_pixels
         self.rank, self.world_size = rank, world_size
         self.loader_workers = loader_workers  # 0: read in the training process itself
         self.readers = max(1, loader_workers)
@@ -389,7 +395,9 @@ class ShardStream(IterableDataset):
         if not 0 <= label < len(self.shard_set.classes):
             raise ValueError(f"class index {label} is outside the set's {len(self.shard_set.classes)} classes")
         label = self.overrides.get(key, label)
-        return {"image": self.transform(self.decode(_image_of(raw))), "label": label, "key": key, "row": raw["__row__"]}
+        data = _image_of(raw)
+        image_size(data, self.max_pixels)  # raises over the cap: skipped and counted, never decoded
+        return {"image": self.transform(self.decode(data)), "label": label, "key": key, "row": raw["__row__"]}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.plan()

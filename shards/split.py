@@ -41,6 +41,7 @@ from shards.cli import ArgumentParser, add_log_level, bad_input, configure_loggi
 from shards.lock import OutputLock, OutputLocked
 from shards.manifest import read_manifest
 from shards.phash import BandIndex, hashes
+from shards.pixels import image_size
 from shards.reader import ShardSet, ShardSetError, open_shard_set
 from shards.sample import IMAGE_EXTENSIONS, Sample
 from shards.tario import iter_members, leading_sample, members_at
@@ -184,6 +185,7 @@ def _image_hashes(shard_set: ShardSet, keys: Sequence[str]) -> list[tuple[int, i
                     key, _, ext = name.partition(".")
                     if ext in IMAGE_EXTENSIONS and key in position:
                         try:
+                            image_size(data)  # over the pixel cap: an error here, as any undecodable image
                             with Image.open(io.BytesIO(data)) as im:
                                 found[position[key]] = hashes(im)
                         except Exception as exc:  # Pillow raises many types for bad bytes

@@ -27,6 +27,7 @@ from shards.cli import ArgumentParser, add_log_level, bad_input, configure_loggi
 from shards.fs import read_json
 from shards.manifest import MANIFEST_NAME
 from shards.mixing import LOADER_WORKERS, Mixing, describe, measure
+from shards.pixels import TooManyPixels, image_size
 from shards.reader import open_shard_set
 from shards.sample import IMAGE_EXTENSIONS
 from shards.writer import SIZES_NAME, STATS_NAME
@@ -100,9 +101,12 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], classes: list
     image = members[image_ext]  # type: ignore[index]
     size = None
     try:
+        image_size(image)  # a header over the pixel cap is a fault, and is not decoded here either
         with Image.open(io.BytesIO(image)) as im:
             im.load()
             size = im.size
+    except TooManyPixels as exc:
+        report.faults.append(f"{shard}: sample {key} image {exc}: readers skip it")
     except Exception as exc:  # Pillow raises many types for bad bytes
         report.faults.append(f"{shard}: sample {key} image does not decode ({exc})")
     return Checked(label, hashlib.sha256(image).hexdigest(), size)

@@ -5,11 +5,12 @@ temporary names and renamed when complete; then `<shard>_stats.json` is written,
 only that file marks the shard as done. A writer opened on an existing set removes
 whatever an interrupted run left unfinished and continues numbering after the last
 finished shard, so extending or resuming never rewrites or duplicates finished work.
+An image whose header declares more pixels than `max_pixels` is refused (`shards.pixels`):
+every reader would skip it.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -22,12 +23,12 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
-from PIL import Image
 
 from shards import atomic
 from shards.classes import validate_classes
 from shards.lock import OutputLock
 from shards.manifest import MANIFEST_NAME, SCHEMA, manifest_row, rows_to_table
+from shards.pixels import DEFAULT_MAX_PIXELS, TooManyPixels, image_size
 from shards.sample import SCHEMA_VERSION, Sample
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,13 @@ def _tar_member_size(n: int) -> int:
     return 512 + -(-n // 512) * 512
 
 
-def _image_size(sample: Sample) -> tuple[int, int]:
+def _image_size(sample: Sample, max_pixels: int | None) -> tuple[int, int]:
     """Width and height from the image header alone: no full decode on the write path."""
     try:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            return im.size
+        return image_size(sample.image, max_pixels)
+    except TooManyPixels as exc:
+        raise TooManyPixels(f"sample {sample.key}: image {exc}: readers skip it; write it anyway with "
+                            "max_pixels=None") from None
     except Exception as exc:  # Pillow raises many types for bad bytes
         raise ValueError(f"sample {sample.key}: image bytes are not a readable image ({exc})") from exc
 
@@ -72,6 +75,7 @@ class ShardWriter:
     until it closes, so a second writer is refused (OutputLocked) before it can delete or
     renumber this one's work. A caller that already holds the lock (a crawl, an import
     into one set) passes it as `lock`; the writer then leaves releasing it to the caller.
+    An image over `max_pixels` is refused (TooManyPixels, naming its key); None writes any size.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class ShardWriter:
         max_bytes: int = 256 * 1024 * 1024,
         shuffle_seed: int | None = None,
         lock: OutputLock | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
@@ -94,6 +99,7 @@ class ShardWriter:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.shuffle_seed = shuffle_seed
+        self.max_pixels = max_pixels
         if lock is not None and not lock.covers(self.out_dir):
             raise ValueError(f"the lock given for {self.out_dir} is not held, or is another directory's")
         self._own_lock = lock is None
@@ -163,7 +169,7 @@ class ShardWriter:
                 f"duplicate key {sample.key!r}: already in {self.out_dir / where}, written again into "
                 f"{self.out_dir / current}"
             )
-        width, height = _image_size(sample)
+        width, height = _image_size(sample, self.max_pixels)
         if self._tar is None:
             self._open_shard()
         meta = {

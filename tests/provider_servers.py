@@ -89,6 +89,10 @@ class FakeOpenverse(Fake):
     token: str = "token-xyz"
     anonymous_page_size: int = 20
     depth: int = 240
+    #: Where the token endpoint sends its client with a 307 (None: it answers itself).
+    token_redirect: str | None = None
+    #: What the token endpoint answers a valid client with (None: a real token answer).
+    token_answer: Any = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -99,8 +103,12 @@ class FakeOpenverse(Fake):
     async def token_endpoint(self, request: web.Request) -> web.Response:
         form = await request.post()
         self.requests.append(Logged(time.monotonic(), request.path, {}, dict(request.headers)))
+        if self.token_redirect:
+            return web.Response(status=307, headers={"Location": self.token_redirect})
         if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
             return web.json_response({"error": "invalid_client"}, status=401)
+        if self.token_answer is not None:
+            return web.json_response(self.token_answer)
         return web.json_response({"access_token": self.token, "scope": "read", "expires_in": 43200, "token_type": "Bearer"})
 
     async def search(self, request: web.Request) -> web.Response:
@@ -331,6 +339,24 @@ class FakeYouTube(Fake):
                 "continuationItems": section, "targetId": "search-feeds"}}]})
 
 
+@dataclass
+class Internal(Fake):
+    """A host the crawl must never reach (cloud metadata, a dashboard): logs every request, whatever its
+    method, path and body (kept in `bodies`), and answers each with an empty JSON object."""
+
+    bodies: list[bytes] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.anything)
+        return app
+
+    async def anything(self, request: web.Request) -> web.Response:
+        self.log(request)
+        self.bodies.append(await request.read())
+        return web.json_response({})
+
+
 @pytest.fixture(scope="session")
 def loopback_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
     """A server context with a self-signed certificate for 127.0.0.1, for fakes of https-only services."""
@@ -346,11 +372,12 @@ def loopback_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., str]]:
-    """Start fakes on free 127.0.0.1 ports for one test: `base_url = serve(fake)` (`tls=context`: https)."""
+    """Start fakes on free ports for one test: `base_url = serve(fake)` (`tls=context`: https; `host`: another
+    loopback address than 127.0.0.1, e.g. 127.0.0.2 for a host off the allow-list)."""
     servers: list[ServerThread] = []
 
-    def start(fake: Fake, tls: ssl.SSLContext | None = None) -> str:
-        server = ServerThread(fake.app(), ssl_context=tls)
+    def start(fake: Fake, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> str:
+        server = ServerThread(fake.app(), host=host, ssl_context=tls)
         servers.append(server)
         return server.start()
 

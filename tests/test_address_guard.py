@@ -123,3 +123,33 @@ def test_yt_dlp_redirects_never_reach_a_host_off_the_allow_list(webs) -> None:
     # yt-dlp's HTTP client gives up on some spellings itself (it cannot send a non-Latin-1 host): resolve_failed.
     assert set(statuses.values()) <= {"forbidden_address", "resolve_failed"}
     assert statuses[pages[0]] == statuses[pages[len(forbidden)]] == "forbidden_address"
+
+
+def test_an_allowed_port_opens_only_that_port_of_the_host(webs) -> None:
+    """`--allow-host 127.0.0.1:PORT` reaches that server, not another one on the same address (a local
+    Ray dashboard, say), asked directly, behind a redirect or through the proxy."""
+    base, _, _ = webs
+    neighbour_hits: Counter = Counter()
+
+    async def neighbour(request: web.Request) -> web.Response:
+        neighbour_hits[request.path] += 1
+        return web.Response(text="dashboard")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", neighbour)
+    port = base.rsplit(":", 1)[1]
+    with ServerThread(app, "127.0.0.1") as other:
+        direct = f"{other.base_url}/api/jobs/"
+        config = FetchConfig(allow_hosts=(f"127.0.0.1:{port}",), retries=0)
+        results = Fetcher(config).fetch_all([f"{base}/media/a.mp4", direct,
+                                             f"{base}/redirect?to={quote(direct, safe='')}"])
+        assert [r.status for r in results] == ["ok", "forbidden_address", "forbidden_address"]
+        assert f"port {other.port}" in results[1].error
+        with GuardProxy(AllowList.parse([f"127.0.0.1:{port}"]), timeout_s=5) as proxy:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+            with opener.open(f"{base}/media/a.mp4", timeout=5) as resp:
+                assert resp.read() == VIDEO
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                opener.open(direct, timeout=5)
+            assert refused.value.code == 403
+    assert neighbour_hits == Counter()

@@ -70,8 +70,9 @@ def test_crawl_of_the_embedded_web_reports_label_noise(corpus: Path, queries: Pa
     out = tmp_path / "out"
     settings = LocalWebSettings(noise=0.3, slow_seconds=0.2, seed=1)
     with LocalWeb(corpus, settings) as local_web:
+        port = local_web.base_url.rsplit(":", 1)[1]  # its port only, as the demo allows it
         argv = ["--queries", str(queries), "--provider", "localweb", "--api-base", local_web.base_url,
-                "--out", str(out), "--faces", "none", "--allow-host", "127.0.0.1", "--workers", "0",
+                "--out", str(out), "--faces", "none", "--allow-host", f"127.0.0.1:{port}", "--workers", "0",
                 "--conflicts", "first", "--work-shard-size", "8", "--no-progress", "--set", "fetch.timeout_s=5"]
         assert build.main(argv) == 0
         truth = local_web.ground_truth()

@@ -93,6 +93,42 @@ def test_the_readme_starts_the_cluster_without_a_prompt_and_the_dashboard_apart(
     assert not re.search(r"ray up [^\n]*&&", readme)
 
 
+def ray_starts(commands: list[str]) -> list[list[str]]:
+    """Every `ray start` among shell commands, with the environment assignments before it."""
+    starts = []
+    for command in commands:
+        for part in re.split(r"&&|;", command):
+            words = shlex.split(part)
+            at = next((i for i in range(len(words) - 1) if words[i:i + 2] == ["ray", "start"]), None)
+            if at is not None:
+                starts.append(words[:at] + words[at + 2:])
+    return starts
+
+
+def test_the_launchers_dashboard_and_job_api_need_the_token_and_listen_on_loopback() -> None:
+    config = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())
+    head, workers = ray_starts(config["head_start_ray_commands"]), ray_starts(config["worker_start_ray_commands"])
+    assert len(head) == 1 and workers
+    for start in head + workers:
+        assert "RAY_AUTH_MODE=token" in start, start  # every node: no unauthenticated GCS or job API
+    assert "--dashboard-host=127.0.0.1" in head[0]  # reached through `ray dashboard`'s SSH tunnel only
+    assert "0.0.0.0" not in (REPO / "cluster" / "ray-cluster.yaml").read_text()
+    assert config["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    readme = (REPO / "README.md").read_text()
+    assert readme.index("ray get-auth-token --generate") < readme.index("ray up -y cluster/ray-cluster.yaml")
+    assert re.search(r"^RAY_AUTH_MODE=token ray job submit --address http://127\.0\.0\.1:8265 ", readme, re.M)
+
+
+def test_the_kuberay_cluster_uses_token_authentication() -> None:
+    spec = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert tuple(int(p) for p in spec["rayVersion"].split(".")[:2]) >= (2, 52)  # the first Ray with tokens
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}  # KubeRay sets both from its Secret
+
+
 def test_job_environments_install_nothing_by_hand() -> None:
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime-env.yaml").read_text())
     rayjob = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())

@@ -71,6 +71,31 @@ def test_agent_token_names_the_project() -> None:
         ("2001:0:4136:e378:8000:63bf:80ff:fffd", False),  # Teredo, client 127.0.0.2 (stored XOR 0xffffffff)
         ("2001:0:4136:e378:8000:63bf:5601:5655", False),  # Teredo, client 169.254.169.170
         ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),  # Teredo, client 8.8.8.8
+        # IANA special-purpose blocks some Python versions' `is_global` calls public (3.11 does all four):
+        ("fec0::1", False),  # deprecated site-local
+        ("3fff::1", False),  # documentation, RFC 9637
+        ("192.0.0.8", False),  # IPv4 dummy address
+        ("192.88.99.1", False),  # deprecated 6to4 relay anycast
+        ("192.0.0.9", False),  # PCP anycast: globally reachable per IANA, still no image host
+        ("192.31.196.1", False),  # AS112-v4
+        ("192.175.48.1", False),  # direct delegation AS112
+        ("198.18.0.1", False),  # benchmarking
+        ("203.0.113.9", False),  # documentation
+        ("240.0.0.1", False),  # reserved
+        ("255.255.255.255", False),  # limited broadcast
+        ("2001:db8::1", False),  # documentation
+        ("2001:2::1", False),  # benchmarking
+        ("2001:20::1", False),  # ORCHIDv2
+        ("2620:4f:8000::1", False),  # AS112
+        ("100::1", False),  # discard-only
+        ("64:ff9b:1::808:808", False),  # NAT64 local use
+        ("5f00::1", False),  # SRv6 SIDs
+        ("ff02::1", False),  # multicast
+        ("::", False),
+        ("::127.0.0.1", False),  # IPv4-compatible (deprecated)
+        ("4000::1", False),  # outside global unicast 2000::/3
+        ("2a00:1450:4001::1", True),
+        ("1.1.1.1", True),
     ],
 )
 def test_is_public(address, public) -> None:
@@ -85,16 +110,31 @@ def test_allow_list_and_schemes() -> None:
     assert allow.allows_ip(ipaddress.ip_address("::ffff:127.0.0.1"))  # an allowed IPv4, however it is embedded
     assert not allow.allows_ip(ipaddress.ip_address("2002:7f00:2::"))  # 6to4 of 127.0.0.2
     assert allow.allows_name("images.internal.")
-    with pytest.raises(ValueError):
-        AllowList.parse(["http://x/"])
+    for bad in ("http://x/", "127.0.0.1:0", "127.0.0.1:99999", "127.0.0.1:http", "[::1", "[::1]8080", ":8080"):
+        with pytest.raises(ValueError):
+            AllowList.parse([bad])
     assert check_scheme("https://example.org/a.jpg") is None
     for bad in ("ftp://example.org/a.jpg", "file:///etc/passwd", "javascript:alert(1)", "data:image/png;base64,AA",
                 "http:///nohost"):
         assert check_scheme(bad) == "bad_scheme"
 
 
+def test_allow_list_entries_with_a_port_allow_that_port_only() -> None:
+    allow = AllowList.parse(["127.0.0.1:8470", "[::1]:9000", "10.0.0.0/8:8080", "[fd00::/8]:81", "web.local:443",
+                             "192.168.0.0/16"])
+    ip = ipaddress.ip_address
+    assert allow.allows_ip(ip("127.0.0.1"), 8470) and not allow.allows_ip(ip("127.0.0.1"), 8265)
+    assert not allow.allows_ip(ip("127.0.0.1"))  # a port-bound entry never allows "any port"
+    assert allow.allows_ip(ip("::ffff:127.0.0.1"), 8470)
+    assert allow.allows_ip(ip("::1"), 9000) and not allow.allows_ip(ip("::1"), 9001)
+    assert allow.allows_ip(ip("10.1.2.3"), 8080) and not allow.allows_ip(ip("10.1.2.3"), 22)
+    assert allow.allows_ip(ip("fd00::5"), 81) and not allow.allows_ip(ip("fd00::5"), 80)
+    assert allow.allows_ip(ip("192.168.1.1"), 22)  # no port named: every port
+    assert allow.allows_name("WEB.local.", 443) and not allow.allows_name("web.local", 80)
+
+
 def test_config_is_validated() -> None:
-    for bad in ({"timeout_s": 0}, {"max_bytes": -1}, {"retries": -1}, {"allow_hosts": ("a/b/c",)}):
+    for bad in ({"timeout_s": 0}, {"total_timeout_s": 0}, {"max_bytes": -1}, {"retries": -1}, {"allow_hosts": ("a/b/c",)}):
         with pytest.raises(ValueError):
             FetchConfig(**bad).validate()
 
@@ -139,6 +179,16 @@ def server():
         n = int(request.match_info["n"])
         return web.Response(status=301, headers={"Location": f"../chain/{n + 1}" if n < 50 else "/img/end"})
 
+    async def slow_chain(request):
+        # Each hop answers within the per-request deadline, but the chain as a whole does not.
+        await asyncio.sleep(0.25)
+        n = int(request.match_info["n"])
+        return web.Response(status=302, headers={"Location": f"/slow-chain/{n + 1}"})
+
+    async def slow_503(request):
+        await asyncio.sleep(0.25)
+        return web.Response(status=503, headers={"Retry-After": "0.1"})
+
     async def loop(request):
         return web.Response(status=307, headers={"Location": "b" if request.match_info["x"] == "a" else "a"})
 
@@ -156,6 +206,8 @@ def server():
     app.router.add_get("/ua", echo)
     app.router.add_get("/body/{size}", body)
     app.router.add_get("/loop/{x}", loop)
+    app.router.add_get("/slow-chain/{n}", slow_chain)
+    app.router.add_get("/slow-503", slow_503)
     with ServerThread(app, "127.0.0.1") as srv:
         yield srv.base_url, rec
 
@@ -193,6 +245,18 @@ def test_retry_after_is_honoured_and_capped(server) -> None:
     (refused,) = fetch([f"{base}/status/503?after=99"], retries=3, retry_after_max_s=1)
     assert refused.status == "http_503" and rec.hits["/status/503"] == 1
     assert "Retry-After" in refused.error
+
+
+def test_one_total_deadline_covers_redirects_and_retries(server) -> None:
+    base, rec = server
+    start = time.monotonic()
+    chained, retried = fetch([f"{base}/slow-chain/0", f"{base}/slow-503"], timeout_s=0.5, total_timeout_s=1.0,
+                             max_redirects=20, retries=20, per_host_rate=0)
+    assert time.monotonic() - start < 3  # per hop alone: 20 hops x 0.25 s, or 21 tries x 0.35 s
+    assert chained.status == "timeout" and "total_timeout_s" in chained.error
+    assert sum(n for path, n in rec.hits.items() if path.startswith("/slow-chain/")) <= 5
+    assert retried.status in ("http_503", "timeout") and retried.attempts <= 4
+    assert chained.elapsed_s < 2 and retried.elapsed_s < 2  # the total, and a loaded machine's slack
 
 
 def test_deadline_covers_the_whole_request(server) -> None:

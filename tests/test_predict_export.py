@@ -142,3 +142,17 @@ def test_predict_raw_photo_goes_through_the_face_stage(
         x1, y1, x2, y2 = r.box
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
         assert sum(r.probs.values()) == pytest.approx(1.0, abs=1e-5) and 0 < r.alpha < 1
+
+
+def test_predict_skips_a_pixel_bomb_before_decoding_it(tmp_path: Path, checkpoint, capsys: pytest.CaptureFixture,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from test_hostile_server import bomb_png
+
+    directory, _ = checkpoint
+    good, bomb = tmp_path / "good.png", tmp_path / "bomb.png"
+    Image.new("RGB", (40, 40), (120, 90, 30)).save(good)
+    bomb.write_bytes(bomb_png(12_000, 12_000))  # 17 KB declaring 144 M pixels
+    code = predict.main(["--checkpoint", str(directory), "--faces", "none", "--json", str(good), str(bomb)])
+    assert code == 1
+    assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == [str(good)]
+    assert f"{bomb}: skipped, not a readable image (12000x12000 is 144000000 pixels, over the cap" in caplog.text

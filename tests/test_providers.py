@@ -8,7 +8,6 @@ import logging
 import sys
 from datetime import datetime, timedelta, timezone
 
-import aiohttp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +27,8 @@ from provider_servers import (
 )
 
 from crawler.candidate import license_from_url
-from crawler.http import RateLimiter, backoff_seconds, retry_after_seconds
+from crawler.http import RateLimiter, backoff_seconds, guarded_session, retry_after_seconds
+from crawler.netguard import AllowList
 from crawler.providers import ProviderError, get_provider
 from crawler.providers.base import SearchPage
 from crawler.queries import Query
@@ -43,7 +43,7 @@ def search_all(provider, query: Query = QUERY, limit: int = 10**6) -> list[Searc
     async def run() -> list[SearchPage]:
         pages: list[SearchPage] = []
         cursor = None
-        async with aiohttp.ClientSession() as session:
+        async with guarded_session(AllowList.parse(["127.0.0.1"])) as session:  # the fakes' address
             while True:
                 got = sum(len(p.candidates) for p in pages)
                 pages.append(await provider.search(session, query, limit - got, cursor))

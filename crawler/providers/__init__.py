@@ -43,6 +43,7 @@ __all__ = [
     "RetryPolicy",
     "SearchPage",
     "get_provider",
+    "settings_of",
 ]
 
 
@@ -52,12 +53,7 @@ def get_provider(name: str, **settings: Any) -> Provider:
         raise ValueError(f"unknown provider {name!r}; known: {sorted(PROVIDERS)}")
     cls = PROVIDERS[name]
     settings = {k: v for k, v in settings.items() if v is not None}
-    hints = _keyword_parameters(cls)
-    hints.update(typing.get_type_hints(RatePolicy))
-    if "retry" in hints:
-        hints.update(typing.get_type_hints(RetryPolicy))
-    for built_here in ("rate", "retry"):
-        hints.pop(built_here, None)
+    hints = _settings(cls)
     unknown = sorted(settings.keys() - hints.keys())
     if unknown:
         raise ValueError(f"unknown settings {unknown} for provider {name!r}; known: {sorted(hints)}")
@@ -68,6 +64,22 @@ def get_provider(name: str, **settings: Any) -> Provider:
     if retry:
         settings["retry"] = RetryPolicy(**retry)
     return cls(**settings)
+
+
+def settings_of(name: str) -> set[str]:
+    """The names of the settings provider `name` takes."""
+    return set(_settings(PROVIDERS[name]))
+
+
+def _settings(cls: type) -> dict[str, Any]:
+    """Every setting of a provider class, with its type: its own keywords and the rate and retry fields."""
+    hints = _keyword_parameters(cls)
+    hints.update(typing.get_type_hints(RatePolicy))
+    if "retry" in hints:
+        hints.update(typing.get_type_hints(RetryPolicy))
+    for built_here in ("rate", "retry"):
+        hints.pop(built_here, None)
+    return hints
 
 
 def _keyword_parameters(cls: type) -> dict[str, Any]:

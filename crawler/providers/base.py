@@ -5,6 +5,16 @@ hard it may be asked (requests per second, requests in flight, results per query
 page size), and `JsonApi` enforces it: requests spaced by the rate, an honest
 User-Agent, retries only for 429, 5xx and network failures, waits that follow
 `Retry-After`, and errors that name the URL (with API keys blanked) and the status.
+
+A search API is a host on the open web like any other, and its answers are as hostile.
+`JsonApi` speaks only through a `crawler.http.guarded_session` (the fetcher's address
+guard at every socket, and its allow-list), follows redirects by hand with the same
+checks on every hop (at most `MAX_REDIRECTS`, within one deadline), never sends a request
+that carries a credential (an API key, a client secret, a bearer token: any of its
+`secrets` in the query, the form or a header) to an origin other than the one it was
+addressed to, reads an answer up to `max_bytes` counted after decompression, and
+requires it to be a JSON object. Messages and logs show at most `EXCERPT_CHARS`
+characters of an answer, with every secret blanked.
 """
 
 from __future__ import annotations
@@ -14,15 +24,33 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin
 
 import aiohttp
+from yarl import URL
 
 from crawler.candidate import Candidate
-from crawler.http import CONTACT_URL, RateLimiter, backoff_seconds, retry_after_seconds, user_agent
+from crawler.http import (
+    CONTACT_URL,
+    RateLimiter,
+    backoff_seconds,
+    is_guarded,
+    read_body,
+    retry_after_seconds,
+    user_agent,
+)
+from crawler.netguard import check_scheme, connecting_to, origin
 from crawler.queries import Query
 
 logger = logging.getLogger(__name__)
+
+#: Largest API answer read, in bytes after decompression (`discover.max_bytes`).
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+#: Redirects followed for one API request.
+MAX_REDIRECTS = 5
+#: Characters of an answer a message or log line may show.
+EXCERPT_CHARS = 80
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class ProviderError(RuntimeError):
@@ -101,11 +129,16 @@ class JsonApi:
         retry: RetryPolicy,
         contact: str = CONTACT_URL,
         timeout_s: float = 30.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"{provider}: max_bytes must be positive, got {max_bytes}")
         self.provider = provider
         self.retry = retry
         self.user_agent = user_agent(contact)
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        #: One request's whole time, its redirects included.
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
         #: Values blanked from every message (API keys, client secrets, tokens); providers add theirs.
         self.secrets: list[str] = []
         self._limiter = RateLimiter(rate.requests_per_second)
@@ -139,6 +172,15 @@ class JsonApi:
             text = text.replace(secret, "***")
         return text
 
+    def excerpt(self, body: bytes) -> str:
+        """The start of an answer, short and with every secret blanked: all a message shows of it."""
+        return _excerpt(self.scrub(body.decode("utf-8", "replace")))
+
+    def _carries_secret(self, *parts: dict[str, str] | None) -> bool:
+        """Whether any secret is in the values of these query parameters, form fields or headers."""
+        values = [str(v) for part in parts if part for v in part.values()]
+        return any(secret in value for value in values for secret in self.secrets if secret)
+
     def _display(self, url: str, params: dict[str, str] | None) -> str:
         """The URL as messages show it: secret parameters blanked before encoding, so no encoding hides one."""
         if not params:
@@ -157,6 +199,9 @@ class JsonApi:
         retry_if: Callable[[Any], bool] | None,
         error_of: Callable[[Any], str | None] | None,
     ) -> Any:
+        if not is_guarded(session):
+            raise TypeError("provider API requests go through crawler.http.guarded_session, which checks the "
+                            "address of every connection")
         shown = self._display(url, params)
         headers = {"User-Agent": self.user_agent, "Accept": "application/json", **(headers or {})}
         attempt = 0
@@ -165,27 +210,23 @@ class JsonApi:
             retry_after: float | None = None
             status: int | None = None
             try:
-                async with session.request(
-                    method, url, params=params, data=data, headers=headers, timeout=self.timeout
-                ) as resp:
-                    status = resp.status
-                    retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-                    body = await resp.read()
+                async with asyncio.timeout(self.timeout_s):
+                    status, retry_after, body = await self._follow(session, method, url, params, data, headers, shown)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 reason = self.scrub(f"{type(exc).__name__}: {exc}")
             else:
                 if status == 429 or status >= 500:
                     reason = f"HTTP {status}"
                 elif status >= 400:
-                    raise ProviderError(self.provider, shown, status, self.scrub(_excerpt(body)))
+                    raise ProviderError(self.provider, shown, status, self.excerpt(body))
                 else:
-                    payload = _json(body, self.provider, shown, status)
+                    payload = self._json(body, shown, status)
                     if retry_if is None or not retry_if(payload):
                         message = error_of(payload) if error_of else None
                         if message:
-                            raise ProviderError(self.provider, shown, status, self.scrub(message))
+                            raise ProviderError(self.provider, shown, status, _excerpt(self.scrub(message)))
                         return payload
-                    reason = f"transient API error: {self.scrub(_excerpt(body))}"
+                    reason = f"transient API error: {self.excerpt(body)}"
             if attempt == self.retry.max_retries:
                 raise ProviderError(self.provider, shown, status, f"gave up after {attempt + 1} attempts: {reason}")
             if retry_after is not None and retry_after > self.retry.max_backoff_s:
@@ -200,6 +241,72 @@ class JsonApi:
             logger.warning("%s: %s (%s); retry %d in %.1f s", self.provider, shown, reason, attempt + 1, delay)
             await asyncio.sleep(delay * self.retry.sleep_scale)
             attempt += 1
+
+    async def _follow(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        params: dict[str, str] | None,
+        data: dict[str, str] | None,
+        headers: dict[str, str],
+        shown: str,
+    ) -> tuple[int, float | None, bytes]:
+        """One request and its redirects, each hop checked by the guard: (status, Retry-After, body).
+
+        A redirect to another origin is followed only for a request without credentials;
+        one with credentials fails instead, so no key, secret or token reaches a host it was
+        not meant for (301, 302 and 303 turn a POST into a GET without its form, as browsers do).
+        """
+        credentialed = self._carries_secret(params, data, headers)
+        home, current = origin(url), url
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                peer = URL(current).raw_host or ""  # the host as aiohttp resolves and connects to it
+            except ValueError:
+                peer = None
+            if check_scheme(current) or peer is None:
+                raise ProviderError(self.provider, shown, None, "redirected to a URL that is not http(s) with a host")
+            with connecting_to(peer) as destination:
+                try:
+                    async with session.request(method, current, params=params, data=data, headers=headers,
+                                               allow_redirects=False) as resp:
+                        if resp.status not in _REDIRECTS:
+                            body = await read_body(resp, self.max_bytes)
+                            if body is None:
+                                raise ProviderError(self.provider, shown, resp.status,
+                                                    f"answer over max_bytes ({self.max_bytes} bytes, decompressed); "
+                                                    "not read further")
+                            return resp.status, retry_after_seconds(resp.headers.get("Retry-After")), body
+                        location = resp.headers.get("Location")
+                        status = resp.status
+                except (aiohttp.ClientError, OSError) as exc:
+                    if destination.refused:
+                        raise ProviderError(self.provider, shown, None,
+                                            f"refused by the address guard: {destination.refused[0]}") from exc
+                    raise
+            if not location:
+                raise ProviderError(self.provider, shown, status, "redirect without Location")
+            target = urljoin(current, location)
+            if credentialed and origin(target) != home:
+                raise ProviderError(self.provider, shown, status,
+                                    f"redirected to another origin ({_origin_text(target)}); a request with "
+                                    "credentials is not re-sent there")
+            if status == 303 or (status in (301, 302) and method == "POST"):
+                method, data = "GET", None
+            current, params = target, None  # the target URL carries its own query
+        raise ProviderError(self.provider, shown, None, f"more than {MAX_REDIRECTS} redirects")
+
+    def _json(self, body: bytes, shown: str, status: int) -> dict[str, Any]:
+        """The answer as a JSON object (every provider's API answers one); anything else is an error."""
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise ProviderError(self.provider, shown, status, f"answer is not JSON: {self.excerpt(body)}") from None
+        if not isinstance(payload, dict):
+            raise ProviderError(self.provider, shown, status,
+                                f"answer is a JSON {type(payload).__name__}, not an object: {self.excerpt(body)}")
+        return payload
 
 
 class HttpProvider:
@@ -217,22 +324,22 @@ class HttpProvider:
         retry: RetryPolicy | None = None,
         contact: str = CONTACT_URL,
         timeout_s: float = 30.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         base = api_base or self.default_base
         if not base:
             raise ValueError(f"provider {self.name!r} needs api_base (the URL of its search API)")
         self.api_base = base.rstrip("/")
         self.rate = rate or self.default_rate
-        self.api = JsonApi(self.name, self.rate, retry or RetryPolicy(), contact, timeout_s)
+        self.api = JsonApi(self.name, self.rate, retry or RetryPolicy(), contact, timeout_s, max_bytes)
 
 
-def _json(body: bytes, provider: str, shown: str, status: int) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise ProviderError(provider, shown, status, f"answer is not JSON: {_excerpt(body)}") from None
+def _origin_text(url: str) -> str:
+    """Scheme, host and port of a URL: what a message shows of a redirect target (its path and query may hold secrets)."""
+    scheme, host, port = origin(url)
+    return f"{scheme}://{host}:{port}"
 
 
-def _excerpt(body: bytes, limit: int = 200) -> str:
-    text = body.decode("utf-8", "replace").strip()
+def _excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from crawler.candidate import Candidate
-from crawler.providers.base import HttpProvider, RatePolicy, SearchPage
+from crawler.providers.base import HttpProvider, ProviderError, RatePolicy, SearchPage
 from crawler.queries import Query
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,20 @@ class OpenverseProvider(HttpProvider):
             return {}
         if self._token is None or time.monotonic() >= self._token_expires:
             client_id, client_secret = self._credentials
+            url = f"{self.api_base}/v1/auth_tokens/token/"
             answer = await self.api.post(
-                session,
-                f"{self.api_base}/v1/auth_tokens/token/",
-                {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret},
+                session, url, {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret}
             )
-            self._token = answer["access_token"]
-            self.api.secrets.append(self._token)
-            self._token_expires = time.monotonic() + 0.9 * float(answer.get("expires_in", 3600))
+            token, lifetime = answer.get("access_token"), answer.get("expires_in", 3600)
+            if not isinstance(token, str) or not token:
+                # Only the field names are shown: a token answer's values are credentials.
+                raise ProviderError(self.name, url, 200, f"token answer without access_token (fields: {sorted(answer)[:10]})")
+            if not isinstance(lifetime, (int, float)) or lifetime <= 0:
+                raise ProviderError(self.name, url, 200, f"token answer with expires_in {str(lifetime)[:20]!r}, "
+                                                         "not a positive number of seconds")
+            self._token = token
+            self.api.secrets.append(token)
+            self._token_expires = time.monotonic() + 0.9 * float(lifetime)
         return {"Authorization": f"Bearer {self._token}"}
 
     def _candidate(self, item: dict[str, Any], query: Query) -> Candidate | None:

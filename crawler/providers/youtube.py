@@ -15,8 +15,9 @@ with the search page's configuration taken from yt-dlp's defaults instead of fet
 Such a server speaks https only, as YouTube does; `verify_tls=False` accepts its
 self-signed certificate, and is refused for any host that is not a loopback address.
 Only yt-dlp's search extractor is loaded, and its requests go through a `GuardProxy`
-that lets them reach the `api_base` host (chosen by whoever runs the crawl, as every
-provider's API is) and public addresses, nothing else.
+that lets them reach the `api_base` host and port (chosen by whoever runs the crawl, as
+every provider's API is) and public addresses, nothing else; one search may read at most
+`max_bytes` through it, within `total_timeout_s`.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import aiohttp
 from crawler.candidate import Candidate
 from crawler.guardproxy import GuardProxy
 from crawler.http import RateLimiter, backoff_seconds, retry_after_seconds
-from crawler.netguard import AllowList
-from crawler.providers.base import ProviderError, RatePolicy, RetryPolicy, SearchPage
+from crawler.netguard import AllowList, origin_entry
+from crawler.providers.base import DEFAULT_MAX_BYTES, ProviderError, RatePolicy, RetryPolicy, SearchPage
 from crawler.queries import Query
 from crawler.resolve import YtDlpLog
 
@@ -55,9 +56,12 @@ class YouTubeProvider:
         api_base: str = YOUTUBE,
         verify_tls: bool = True,
         timeout_s: float = 30.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        total_timeout_s: float = 120.0,
         rate: RatePolicy | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        """`timeout_s` per socket read; `max_bytes` and `total_timeout_s` for all of one search's requests."""
         if not allow_youtube:
             raise ValueError(
                 "the youtube provider is opt-in because YouTube's terms restrict downloading: "
@@ -77,8 +81,10 @@ class YouTubeProvider:
         self.rate = rate or self.default_rate
         self.retry = retry or RetryPolicy()
         self._limiter = RateLimiter(self.rate.requests_per_second)
-        self._allow = AllowList.parse([parts.hostname])
+        self._allow = AllowList.parse([origin_entry(self.api_base)])
         self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.total_timeout_s = total_timeout_s
         self.options: dict[str, Any] = {
             "quiet": True, "no_warnings": True, "skip_download": True, "extract_flat": "in_playlist",
             "logger": YtDlpLog(), "nocheckcertificate": not verify_tls, "allowed_extractors": ["youtube:search"],
@@ -119,7 +125,7 @@ class YouTubeProvider:
         return SearchPage(candidates[:limit], None)
 
     def _search(self, spec: str) -> list[dict[str, Any]]:
-        with GuardProxy(self._allow, self.timeout_s) as proxy, \
+        with GuardProxy(self._allow, self.timeout_s, self.max_bytes, self.total_timeout_s) as proxy, \
                 self._yt_dlp.YoutubeDL({**self.options, "proxy": proxy.url}) as ydl:
             info = ydl.extract_info(spec, download=False) or {}
         return [e for e in info.get("entries") or [] if isinstance(e, dict)]

@@ -22,6 +22,7 @@ from scn_scale.importers import (
 )
 from scn_scale.importers.common import parse_classes
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
+from shards.pixels import DEFAULT_MAX_PIXELS
 from shards.lock import OutputLocked
 
 
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--allow-missing", action="store_true", help="drop and count listed images that are missing or unreadable"
+    )
+    common.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images whose header declares more pixels (default {DEFAULT_MAX_PIXELS}; 0: no cap); "
+        "readers of the set skip them",
     )
     add_log_level(common)
 
@@ -76,10 +82,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
-    options = ImportOptions(shard_size=args.shard_size, shuffle_seed=args.shuffle_seed, allow_missing=args.allow_missing)
+    options = ImportOptions(shard_size=args.shard_size, shuffle_seed=args.shuffle_seed, allow_missing=args.allow_missing,
+                            max_pixels=args.max_pixels or None)
     try:
         if options.shard_size < 1:
             raise ImporterError(f"--shard-size must be positive, got {options.shard_size}")
+        if args.max_pixels < 0:
+            raise ImporterError(f"--max-pixels must be >= 0, got {args.max_pixels}")
         if args.command == "rafdb":
             summary = import_rafdb(args.root, args.out, args.noisy_labels, options)
         elif args.command == "ferplus":

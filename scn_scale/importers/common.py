@@ -22,6 +22,7 @@ from tqdm import tqdm
 from shards import BASIC7, CANONICAL, Sample, ShardWriter, key_from_source, validate_classes
 from shards.atomic import write_json
 from shards.lock import OutputLock
+from shards.pixels import DEFAULT_MAX_PIXELS, TooManyPixels, image_size
 from shards.writer import STATS_NAME
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,15 @@ def parse_classes(spec: str) -> list[str]:
     return sorted(names, key=CANONICAL.index)
 
 
-def read_image(path: Path) -> tuple[bytes, str]:
+def read_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
     """The file's bytes and shard extension, fully decoded once so a truncated file is caught here.
 
-    JPEG, PNG and WebP keep their bytes; other formats are re-encoded as PNG.
+    JPEG, PNG and WebP keep their bytes; other formats are re-encoded as PNG. A header declaring
+    more than `max_pixels` is refused before decoding (readers of the set would skip it).
     """
     try:
         data = path.read_bytes()
+        image_size(data, max_pixels)
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.format in _KEPT_FORMATS:
@@ -120,6 +123,9 @@ class ImportOptions:
     # A listed image that is missing or unreadable stops the import (a benchmark with a hole
     # is a different benchmark); with this set it is dropped and counted instead.
     allow_missing: bool = False
+    # Images over this many pixels (from their header) are refused: every reader of a set skips them.
+    # None: no cap.
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -207,11 +213,15 @@ class SplitWriters:
             writer = ShardWriter(
                 self.directory(split), self.classes, max_samples=self.options.shard_size,
                 shuffle_seed=self.options.shuffle_seed, lock=None if self.per_split else self.lock,
+                max_pixels=self.options.max_pixels,
             )
             self._writers[split] = writer
             self.summary.outputs[split] = str(self.directory(split))
         full_meta = {"provider": self.summary.dataset, "source_id": source_id, **meta}
-        writer.write(Sample(key=key, image=image, label=label, ext=ext, split=split, meta=full_meta))
+        try:
+            writer.write(Sample(key=key, image=image, label=label, ext=ext, split=split, meta=full_meta))
+        except TooManyPixels as exc:
+            raise ImporterError(f"{exc} (--max-pixels 0 writes it)") from None
         self.summary.counts.setdefault(split, Counter())[self.classes[label]] += 1
 
     def drop(self, split: str, reason: str) -> None:
@@ -221,7 +231,7 @@ class SplitWriters:
         """Read a listed image; None (counted as dropped) when it is missing or unreadable and
         `allow_missing` is set, an ImporterError otherwise."""
         try:
-            return read_image(path)
+            return read_image(path, self.options.max_pixels)
         except FileNotFoundError:
             message = f"{path}: image missing (listed at {listed_at})"
         except ImporterError as exc:
