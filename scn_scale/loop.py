@@ -114,6 +114,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         )
     if zero.get("offload_optimizer") or zero.get("offload_param"):
         raise ConfigError("deepspeed: ZeRO offload needs DeepSpeed's compiled CPU Adam; the trainer uses a torch optimizer")
+    # DeepSpeed clips gradients at norm 1.0 unless told otherwise (GRADIENT_CLIPPING_DEFAULT in 0.19); the
+    # released code does not clip, and a config without the key (none at all, or an inline one such as
+    # rafdb-finetune.yaml's) clipped silently. A config may still set it.
+    ds.setdefault("gradient_clipping", 0.0)
     ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer reports per epoch; DeepSpeed's default logs every 10 steps
     return ds
 

@@ -183,6 +183,12 @@ def test_deepspeed_config_is_filled_from_the_trainer() -> None:
     ds = deepspeed_config(cfg)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (32, 2, 128)
     assert ds["data_types"]["buffer_dtype"] == "bf16" and ds["zero_optimization"]["stage"] == 2
+    # The released code does not clip; DeepSpeed would at norm 1.0 where a config does not say.
+    assert ds["gradient_clipping"] == 0.0
+    unsaid = load_config(TrainConfig, CONFIG, ["deepspeed={}"])
+    assert deepspeed_config(unsaid)["gradient_clipping"] == 0.0
+    said = load_config(TrainConfig, CONFIG, ['deepspeed={"gradient_clipping": 5.0}'])
+    assert deepspeed_config(said)["gradient_clipping"] == 5.0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "cluster" / "configs").glob("*.yaml")), ids=lambda p: p.name)
