@@ -186,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {result['load_average'][0]:.1f}")
     print(f"crawler.build --faces none  {a['images_per_s']:8.1f} images/s  {a['cpu_ms_per_image']:6.1f} CPU ms/image")
     print(f"img2dataset                 {b['images_per_s']:8.1f} images/s  {b['cpu_ms_per_image']:6.1f} CPU ms/image")
-    print(f"ratio                       {result['ratio']:8.2f}   (target >= 1.0, goal 1.5); "
-          f"CPU per image ratio {result['cpu_ratio']:.2f}")
     if "crawler_mtcnn" in result:
         r = result["crawler_mtcnn"]
         print(f"crawler.build --faces mtcnn {r['images_per_s']:8.2f} images/s, {r['images_per_s_per_core']:.2f} per core, "
               f"{r['cpu_ms_per_image']:.0f} CPU ms/image ({r['images']} images)")
+    print(f"ratio                       {result['ratio']:8.2f}   (target >= 1.0, goal 1.5); "  # the last line: the contract
+          f"CPU per image ratio {result['cpu_ratio']:.2f}")
     (root / "crawl_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
