@@ -52,8 +52,8 @@ from PIL import Image
 from crawler.synthetic import CorpusConfig, generate_corpus
 from scn_scale.config import TrainConfig, load_config
 from scn_scale.importers import import_imagefolder
-from scn_scale.metrics import alpha_auc, alpha_epoch_url, alpha_gap, paired_accuracy_gap
-from scn_scale.predictions import epoch_predictions_url
+from scn_scale.metrics import alpha_auc, alpha_epoch_url, alpha_gap
+from scn_scale.predictions import epoch_predictions_url, paired_gap
 from scn_scale.noise import make_noise, save_overrides
 from scn_scale.report import save_figure
 from scn_scale.train import LOCAL_NODE_IP, train
@@ -203,11 +203,6 @@ def last_alpha_auc(run: str, epoch: int, noise_table: Path) -> tuple[float, floa
     return alpha_auc(np.array(alpha["alpha"]), np.array([k in wrong for k in alpha["key"]]))
 
 
-def correct_by_key(run: str, epoch: int) -> dict[str, bool]:
-    table = pq.read_table(epoch_predictions_url(run, epoch), columns=["key", "label", "pred"]).to_pydict()
-    return {k: p == y for k, y, p in zip(table["key"], table["label"], table["pred"])}
-
-
 def run_summary(metrics: list[dict]) -> dict:
     """What the table reports of one run: its last epoch, its best epoch on the test set, and the curves."""
     last = metrics[-1]
@@ -250,7 +245,7 @@ def run_rate(rate: float, train_set: str, test_set: str, preset: Preset, overrid
     table = out / "noise" / f"{model}-{round(100 * rate):02d}-seed{seed}.parquet"
     save_overrides(make_noise(manifest["key"], manifest["label"], num_classes, rate=rate, seed=seed, weights=weights),
                    str(table))
-    result, correct = {}, {}
+    result, predictions = {}, {}
     for method in methods:
         name = f"{method}-{model}{round(100 * rate):02d}-seed{seed}"
         cfg = load_config(TrainConfig, str(REPO / preset.config), [
@@ -263,14 +258,12 @@ def run_rate(rate: float, train_set: str, test_set: str, preset: Preset, overrid
         last_epoch, run_dir = run.metrics[-1]["epoch"], str(out / "runs" / name)
         auc = last_alpha_auc(run_dir, last_epoch, table) if method != "baseline" and rate > 0 else None
         summary["alpha_auc"], summary["alpha_auc_95"] = auc if auc is not None else (None, None)
-        correct[method] = correct_by_key(run_dir, last_epoch)
+        predictions[method] = epoch_predictions_url(run_dir, last_epoch)
         result[method] = summary
-    if "baseline" in correct:
-        keys = sorted(correct["baseline"])
-        for method in correct:
+    if "baseline" in predictions:
+        for method in predictions:
             if method != "baseline":
-                gap = paired_accuracy_gap([correct[method][k] for k in keys], [correct["baseline"][k] for k in keys])
-                result[method]["gap"], result[method]["gap_95"] = gap
+                result[method]["gap"], result[method]["gap_95"] = paired_gap(predictions[method], predictions["baseline"])
     return result
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from scn_scale import report as plots
-from scn_scale.metrics import alpha_gap, paired_accuracy_gap
+from scn_scale.metrics import alpha_gap
+from scn_scale.predictions import paired_gap
 from shards.atomic import write_json, write_text
 
 REPORT_MD = "report.md"
@@ -157,26 +157,14 @@ def _points(diff: float) -> str:
     return f"{100 * diff:+.1f} points"
 
 
-def paired_gap(a: dict, b: dict) -> tuple[float, float]:
-    """Accuracy of run a minus run b on the same test faces, and its paired 95% half-width, from the
-    evaluations' per-sample predictions (`scn_scale.evaluate`'s predictions.parquet)."""
-    correct = []
-    for run in (a, b):
-        table = pq.read_table(Path(run["eval_dir"]) / "predictions.parquet", columns=["key", "label", "pred"]).to_pydict()
-        correct.append(dict(zip(table["key"], np.array(table["pred"]) == np.array(table["label"]))))
-    if set(correct[0]) != set(correct[1]):
-        raise ValueError(f"{a['eval_dir']} and {b['eval_dir']} evaluated different samples: no paired comparison")
-    keys = sorted(correct[0])
-    return paired_accuracy_gap([correct[0][k] for k in keys], [correct[1][k] for k in keys])
-
-
 def headline(results: dict) -> dict:
     """The numbers the report leads with, derived from the results (and saved with them)."""
     runs, alpha, audit = results["runs"], results["alpha"], results["audit"]
     scn, base = runs["scn"]["eval"], runs["baseline"]["eval"]
     pre, scratch = runs["finetune-crawl"]["eval"], runs["finetune-scratch"]["eval"]
-    diff, margin = paired_gap(runs["scn"], runs["baseline"])
-    gain, gain_margin = paired_gap(runs["finetune-crawl"], runs["finetune-scratch"])
+    diff, margin = paired_gap(*(str(Path(runs[n]["eval_dir"]) / "predictions.parquet") for n in ("scn", "baseline")))
+    gain, gain_margin = paired_gap(*(str(Path(runs[n]["eval_dir"]) / "predictions.parquet")
+                                     for n in ("finetune-crawl", "finetune-scratch")))
     noisy, clean = alpha.get("noisy", {}), alpha.get("clean", {})
     gap = alpha_gap(alpha)
     return {

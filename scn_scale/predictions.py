@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from scn_scale import metrics
@@ -129,3 +130,17 @@ def write_epoch_predictions(run: str, epoch: int, pred: Predictions, classes: Se
     url = epoch_predictions_url(run, epoch)
     metrics.write_run_table(url, pred.to_table(classes))
     return url
+
+
+def paired_gap(a: str, b: str) -> tuple[float, float]:
+    """Accuracy of predictions file `a` minus that of `b` (either `to_table`'s layout: an evaluation's
+    predictions.parquet, a run's epoch predictions) on the same samples, and its paired 95% half-width
+    (`metrics.paired_accuracy_gap`). ValueError when the two files scored different samples."""
+    correct = []
+    for url in (a, b):
+        table = pq.read_table(url, columns=["key", "label", "pred"]).to_pydict()
+        correct.append(dict(zip(table["key"], np.array(table["pred"]) == np.array(table["label"]))))
+    if set(correct[0]) != set(correct[1]):
+        raise ValueError(f"{a} and {b} scored different samples: no paired comparison")
+    keys = sorted(correct[0])
+    return metrics.paired_accuracy_gap([correct[0][k] for k in keys], [correct[1][k] for k in keys])

@@ -128,3 +128,21 @@ def test_running_sums_are_per_sample_sums():
     sums.add(2, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1), torch.tensor([0.5, 0.5]))
     assert sums.read() == pytest.approx({"loss": 10.0, "wce": 8.0, "rr": 2.0, "correct": 4.0, "alpha": 2.0,
                                    "alpha_sq": 0.8})
+
+
+def test_paired_gap_of_two_prediction_files_pairs_by_key(tmp_path):
+    from scn_scale.predictions import Predictions, paired_gap
+    from shards.atomic import write_parquet
+
+    def saved(name, keys, labels, preds):
+        pred = Predictions(keys, np.array(labels), np.array(preds), np.zeros((len(keys), 3)), np.zeros(len(keys)))
+        write_parquet(tmp_path / name, pred.to_table(["a", "b", "c"]))
+        return str(tmp_path / name)
+
+    # The same four samples in another order: a is right on k0, k1, k2; b on k0 only.
+    a = saved("a.parquet", ["k0", "k1", "k2", "k3"], [0, 1, 2, 0], [0, 1, 2, 1])
+    b = saved("b.parquet", ["k3", "k2", "k1", "k0"], [0, 2, 1, 0], [1, 0, 0, 0])
+    assert paired_gap(a, b) == pytest.approx(paired_accuracy_gap([1, 1, 1, 0], [1, 0, 0, 0]))
+    other = saved("c.parquet", ["k0", "k1", "k2", "k9"], [0, 1, 2, 0], [0, 1, 2, 1])
+    with pytest.raises(ValueError, match="scored different samples"):
+        paired_gap(a, other)
