@@ -113,6 +113,28 @@ class SCNConfig:
 
 
 @dataclass
+class EACConfig:
+    """Erasing Attention Consistency (Zhang et al., ECCV 2022, arXiv 2207.10299), for `method: eac`.
+
+    Cross-entropy on the augmented view (randomly erased, as every training view here is) plus
+    lam times the mean squared difference between its class activation maps and the mirrored maps
+    of its horizontal flip; no relabeling, no importance weight. How this differs from the authors'
+    released code is in scn_scale/loss.py (`eac_loss`) and bench/README.md.
+    """
+
+    lam: float = field(default=5.0, metadata={"doc": (
+        "Weight of the attention-consistency term (released code: 5, at 224 px, where the maps are 7x7). "
+        "0 leaves cross-entropy on one view; the second forward pass still runs. In metrics.jsonl `wce` is the "
+        "cross-entropy, `loss` - `wce` this weight times the consistency term, and `rr` is 0."
+    )})
+
+    def validate(self) -> None:
+        _check_types(self, "eac.")
+        if self.lam < 0.0:
+            raise ConfigError(f"eac.lam must be >= 0, got {self.lam}")
+
+
+@dataclass
 class ModelConfig:
     backbone: str = field(default="resnet18", metadata={"doc": (
         "The torchvision ResNet trunk: resnet18 (as in the paper and the released code), resnet34 or resnet50."
@@ -177,8 +199,11 @@ class TrainConfig:
         "rank's loader workers too, or Ray packs other work onto the cores they decode on."
     )})
     use_gpu: bool = field(default=False, metadata={"doc": "One GPU per rank (NCCL); false trains on CPUs (gloo)."})
-    method: Literal["scn", "baseline"] = field(default="scn", metadata={"doc": (
-        "scn, or baseline: plain cross-entropy on the same network, no weighting or relabeling."
+    method: Literal["scn", "baseline", "eac"] = field(default="scn", metadata={"doc": (
+        "scn; baseline: plain cross-entropy on the same network, no weighting or relabeling; or eac: Erasing "
+        "Attention Consistency (settings under eac), cross-entropy plus a flip-consistency loss on the class "
+        "activation maps, also without weighting or relabeling. An eac step runs the network twice (the batch "
+        "and its mirror image)."
     )})
     seed: int = field(default=0, metadata={"doc": (
         "Seeds the model's initialization, the augmentation and every epoch's reading plan and shuffle."
@@ -264,6 +289,9 @@ class TrainConfig:
     scn: SCNConfig = field(default_factory=SCNConfig, metadata={"doc": (
         "The SCN method's hyper-parameters (Wang et al., CVPR 2020, arXiv 2002.10392)."
     )})
+    eac: EACConfig = field(default_factory=EACConfig, metadata={"doc": (
+        "Erasing Attention Consistency's setting (Zhang et al., ECCV 2022, arXiv 2207.10299), for method=eac."
+    )})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": (
         "The network: a torchvision ResNet trunk, a linear classifier and the importance branch."
     )})
@@ -297,6 +325,7 @@ class TrainConfig:
             raise ConfigError(f"tracking=mlflow keeps its store in the run directory, which must be local, but out_dir is "
                               f"{self.out_dir}: set mlflow_uri (an MLflow server or database every node reaches)")
         self.scn.validate()
+        self.eac.validate()
         self.model.validate()
         self.reader.validate()
 

@@ -43,7 +43,7 @@ from scn_scale import checkpoint, metrics, progress, sync, tracking
 from scn_scale.config import ConfigError, TrainConfig
 from scn_scale.data import shard_loader
 from scn_scale.faults import FaultPlan
-from scn_scale.loss import LossParts, baseline_loss, scn_loss
+from scn_scale.loss import LossParts, baseline_loss, eac_loss, scn_loss
 from scn_scale.model import SCNModel, SCNOutput, build_model
 from scn_scale.noise import load_overrides
 from scn_scale.predictions import Predictions, collect, summarize, write_epoch_predictions
@@ -213,7 +213,7 @@ def importance_trains(cfg: TrainConfig, epoch: int) -> bool:
 
 
 def training_loss(
-    out: SCNOutput, labels: torch.Tensor, cfg: TrainConfig, epoch: int
+    out: SCNOutput, labels: torch.Tensor, cfg: TrainConfig, epoch: int, mirror: SCNOutput | None = None
 ) -> tuple[LossParts, torch.Tensor | None, int | None]:
     """(loss parts, ranked alpha, this rank's offset in it) for one micro-batch of the 1-based `epoch`.
 
@@ -221,7 +221,12 @@ def training_loss(
     rank's (gathered; the relabel rule's "low" scope must group over the same alpha).
     `method: baseline`, and SCN during its `scn.warmup_epochs`, is plain cross-entropy on
     the unscaled logits: alpha is computed but receives no gradient, and there is no rank loss.
+    `method: eac` also needs `mirror`, the network on the batch's horizontal flip, both with maps.
     """
+    if cfg.method == "eac":
+        if mirror is None:
+            raise ValueError("method eac needs the mirrored batch's output (mirror)")
+        return eac_loss(out, mirror, labels, cfg.eac.lam), None, None
     if not importance_trains(cfg, epoch):
         loss = baseline_loss(out.logits, labels)
         return LossParts(loss, loss.detach(), loss.new_zeros(())), None, None
@@ -352,12 +357,15 @@ class Worker:
         self, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[str], epoch: int
     ) -> tuple[SCNOutput, LossParts, BatchProposals | None]:
         """One micro-batch: loss, backward, (boundary) step; then the proposals from this forward pass."""
+        eac = self.cfg.method == "eac"
         with self.autocast():
-            out = self.engine(images)
-        parts, ranked, offset = training_loss(out, labels, self.cfg, epoch)
+            out = self.engine(images, cam=eac)
+            # EAC's second view, in a forward pass of its own (BatchNorm normalizes each view by itself, as in the released code).
+            mirror = self.engine(images.flip(-1), cam=True) if eac else None
+        parts, ranked, offset = training_loss(out, labels, self.cfg, epoch, mirror)
         self.engine.backward(parts.total)
         self.engine.step()
-        if self.cfg.method == "baseline":
+        if self.cfg.method != "scn":  # the baseline and EAC relabel nothing
             return out, parts, None
         return out, parts, propose_relabels(keys, labels, out, epoch, self.cfg.scn, ranked, offset)
 

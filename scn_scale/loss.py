@@ -1,4 +1,5 @@
-"""SCN's losses: logit-weighted cross-entropy and rank regularization on alpha.
+"""The methods' losses: SCN's logit-weighted cross-entropy and rank regularization on alpha, plain
+cross-entropy (the baseline), and Erasing Attention Consistency's flip-consistency loss (`eac_loss`).
 
 The grouping rule is shared with the relabel rule (scope "low") through `high_group_mask`,
 so the loss and the relabeling always agree on which samples are "high importance".
@@ -95,3 +96,44 @@ def scn_loss(out: SCNOutput, targets: Tensor, cfg: SCNConfig, ranked_alpha: Tens
         rr_for_grad = rr + (scale - 1.0) * (rr - rr.detach())  # value rr, gradient scale * d(rr)
     total = 2.0 * (cfg.gamma * rr_for_grad + (1.0 - cfg.gamma) * wce)
     return LossParts(total, wce, rr)
+
+
+def attention_consistency(cam: Tensor, cam_of_mirror: Tensor) -> Tensor:
+    """Mean squared difference between a view's class activation maps and the mirrored maps of its mirror image.
+
+    0 exactly when the network attends to the mirrored places of the mirrored face. Mirroring a
+    map is `flip` along its width: the released code's `grid_sample` on a negated x grid (bilinear,
+    align_corners, border padding) samples exactly the mirrored positions, so it computes the same
+    numbers, up to float rounding.
+    """
+    if cam.shape != cam_of_mirror.shape or cam.dim() != 4:
+        raise ValueError(f"two [N, C, h, w] maps of one shape expected, got {tuple(cam.shape)} and {tuple(cam_of_mirror.shape)}")
+    return F.mse_loss(cam.float(), cam_of_mirror.float().flip(-1))
+
+
+def eac_loss(out: SCNOutput, mirror: SCNOutput, targets: Tensor, lam: float) -> LossParts:
+    """Erasing Attention Consistency (Zhang et al., ECCV 2022): CE(view) + lam * attention_consistency.
+
+    `out` is the network on the augmented, randomly erased batch, `mirror` on its horizontal
+    flip, both with their maps (`forward(x, cam=True)`). Only the first view has a cross-entropy
+    term: the paper's "imbalanced framework", as in the released code. Returned as
+    (total, cross-entropy, 0), the parts every method reports, so `loss` - `wce` in metrics.jsonl
+    is lam times the consistency term.
+
+    Where this differs from the released code (zyh-uaiaaaa/Erasing-Attention-Consistency, src/):
+    - The mirror view: there (noisy-label runs) it is the raw image mirrored and then erased on its
+      own, a different patch than the first view's and without its Gaussian noise; here it is the
+      first view itself mirrored on the device, its erased patch mirrored too ("erase, then flip"),
+      as the released code does when it trains on clean labels. One decoded view per sample keeps
+      the loader the same for every method.
+    - The network and recipe are this project's, shared with SCN and the baseline (ResNet-18 by
+      default; there a VGGFace2 ResNet-50, Adam 1e-4, 60 epochs, batch 32), so that the methods
+      differ by their loss only. The maps are 7x7 only at 224 px: 2x2 at the noise bench's 48 px
+      and 1x1 at 32 px, where the term no longer concerns where the network looks, only that each
+      class score (without its bias) is the same for a face and its mirror image.
+    """
+    if out.cam is None or mirror.cam is None:
+        raise ValueError("eac_loss needs both views' class activation maps: call the model with cam=True")
+    ce = baseline_loss(out.logits, targets)
+    total = ce + lam * attention_consistency(out.cam, mirror.cam)
+    return LossParts(total, ce.detach(), ce.new_zeros(()))

@@ -351,8 +351,8 @@ def write_run_report(run: str, out: Path, n: int = 16) -> Path:
         lines += [
             f"The {len(lowest)} of {alpha.num_rows} samples trained in epoch {epoch} with the lowest alpha "
             f"(mean alpha {values.mean():.3f}); a relabeled sample shows its original -> current label."
-            + (" The baseline does not train alpha: these are its untrained importance branch's values."
-               if cfg.get("method") == "baseline" else ""),
+            + (f" The {cfg.get('method')} method does not train alpha: these are its untrained importance branch's values."
+               if cfg.get("method") in ("baseline", "eac") else ""),
             "",
             f"![lowest-alpha training samples]({LOWEST_ALPHA_PNG})",
             "",

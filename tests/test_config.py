@@ -58,7 +58,8 @@ def test_whole_section_override_merges():
 
 @pytest.mark.parametrize(
     "override, where",
-    [("epoch=3", "'epoch'"), ("scn.delt1=0.1", "'scn.delt1'"), ("model.depth=3", "'model.depth'")],
+    [("epoch=3", "'epoch'"), ("scn.delt1=0.1", "'scn.delt1'"), ("model.depth=3", "'model.depth'"),
+     ("eac.lambda=5", "'eac.lambda'")],
 )
 def test_unknown_override_lists_valid_keys(override, where):
     with pytest.raises(ConfigError) as e:
@@ -66,6 +67,8 @@ def test_unknown_override_lists_valid_keys(override, where):
     assert where in str(e.value)
     if override.startswith("scn."):
         assert "beta, delta1, delta2, gamma, relabel_epoch, warmup_epochs, relabel_confirm, relabel_scope, rank_scope" in str(e.value)
+    elif override.startswith("eac."):
+        assert "valid keys under 'eac': lam" in str(e.value)
     elif override.startswith("model."):
         assert "backbone, dropout" in str(e.value)
     else:
@@ -84,7 +87,8 @@ def test_unknown_yaml_key(tmp_path):
         ("epochs=1.5", "'epochs' expects int"),
         ("use_gpu=1", "'use_gpu' expects bool"),
         ("scn.beta=high", "'scn.beta' expects float"),
-        ("method=sgd", "'method' must be one of"),
+        ("method=sgd", r"'method' must be one of \['scn', 'baseline', 'eac'\]"),
+        ("eac.lam=strong", "'eac.lam' expects float"),
         ("scn.relabel_scope=some", "'scn.relabel_scope' must be one of"),
         ("scn=3", "'scn' expects a mapping"),
         ("epochs.x=3", "'epochs' has no sub-keys"),
@@ -113,6 +117,7 @@ def test_yaml_type_error(tmp_path):
         ("model.backbone=vgg16", "model.backbone must be one of"),
         ("fail_at=epoch:1", "fail_at"),
         ("cpus_per_worker=0", "cpus_per_worker must be > 0"),
+        ("eac.lam=-1", "eac.lam must be >= 0"),
     ],
 )
 def test_validation(override, message):
@@ -124,6 +129,12 @@ def test_validate_checks_configs_built_in_code():
     with pytest.raises(ConfigError, match="'method' must be one of"):
         TrainConfig(method="sgd").validate()
     TrainConfig(fail_at="epoch=1,step=2,rank=1").validate()
+
+
+def test_eac_is_a_method_with_its_own_section():
+    cfg = load_config(TrainConfig, None, ["method=eac", "eac.lam=2"])
+    assert cfg.method == "eac" and cfg.eac.lam == 2.0
+    assert TrainConfig().eac.lam == 5.0  # the released code's weight
 
 
 def test_save_and_load_round_trip(tmp_path):

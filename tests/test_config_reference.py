@@ -41,8 +41,8 @@ def test_docs_config_md_is_what_the_generator_writes() -> None:
 def test_reference_lists_every_key_with_type_and_default() -> None:
     page = config_reference.reference()
     keys = config_reference.setting_names()
-    assert "scn.delta1" in keys and "model.backbone" in keys and "reader.interleave" in keys
-    sections = {"scn", "model", "reader"}
+    assert "scn.delta1" in keys and "eac.lam" in keys and "model.backbone" in keys and "reader.interleave" in keys
+    sections = {"scn", "eac", "model", "reader"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} - sections <= set(keys)
     for key in keys:
         assert f"| `{key}` |" in page

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from scn_scale.config import SCNConfig
-from scn_scale.loss import baseline_loss, high_group_mask, high_group_size, rank_regularization, scn_loss, weighted_ce
+from scn_scale.loss import (
+    attention_consistency, baseline_loss, eac_loss, high_group_mask, high_group_size, rank_regularization, scn_loss, weighted_ce,
+)
 from scn_scale.model import SCNOutput
 
 
@@ -121,3 +123,49 @@ def test_global_ranking_matches_one_process_under_gradient_averaging():
         parts.total.backward()
         averaged.append(local.grad / world)  # what DDP's gradient averaging does
     assert torch.allclose(torch.cat(averaged), one.grad, atol=1e-6)
+
+
+def _eac_output(logits, cam):
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    alpha = torch.ones(logits.shape[0])
+    return SCNOutput(logits, alpha, logits, torch.as_tensor(cam, dtype=torch.float32))
+
+
+def test_attention_consistency_is_zero_for_mirrored_maps_and_hand_computed_otherwise():
+    cam = torch.tensor([[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]]])  # [1, 1, 2, 3]
+    assert attention_consistency(cam, cam.flip(-1)).item() == 0.0
+    # Not mirrored: the mirror of cam is [[3, 2, 1], [6, 5, 4]]; squared differences 4, 0, 4, 4, 0, 4 over 6 cells.
+    assert attention_consistency(cam, cam).item() == pytest.approx(16 / 6)
+    with pytest.raises(ValueError, match="maps of one shape"):
+        attention_consistency(cam, cam[..., :2])
+
+
+def test_eac_loss_hand_computed():
+    # Two classes, 1x2 maps; the mirror's maps are the view's mirrored except one cell, off by 2.
+    cam = [[[[1.0, 0.0]], [[0.0, 3.0]]]]
+    mirror_cam = [[[[0.0, 1.0]], [[1.0, 0.0]]]]  # mirrored back: [[1, 0]], [[0, 1]]: class 1 differs by 2 at one cell
+    out, mirror = _eac_output([[2.0, 0.0]], cam), _eac_output([[5.0, 5.0]], mirror_cam)
+    parts = eac_loss(out, mirror, torch.tensor([1]), lam=5.0)
+    ce = math.log(1 + math.exp(2.0))  # CE of [2, 0] at class 1; the mirror's logits get no CE
+    assert parts.wce.item() == pytest.approx(ce, abs=1e-6)
+    assert parts.rr.item() == 0.0
+    assert parts.total.item() == pytest.approx(ce + 5.0 * 4 / 4, abs=1e-6)
+    assert eac_loss(out, mirror, torch.tensor([1]), lam=0.0).total.item() == pytest.approx(ce, abs=1e-6)
+    with pytest.raises(ValueError, match="cam=True"):
+        eac_loss(output([[2.0, 0.0]], [1.0]), mirror, torch.tensor([1]), lam=5.0)
+
+
+def test_eac_consistency_trains_the_trunk_through_both_views():
+    from scn_scale.model import SCNModel
+
+    torch.manual_seed(0)
+    model = SCNModel(num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    out, mirror = model(x, cam=True), model(x.flip(-1), cam=True)
+    parts = eac_loss(out, mirror, torch.tensor([0, 2]), lam=2.0)
+    consistency = attention_consistency(out.cam, mirror.cam)
+    assert consistency.item() > 0  # an untrained network does not see a mirror image mirrored
+    assert (parts.total - parts.wce).item() == pytest.approx(2.0 * consistency.item(), rel=1e-5)
+    consistency.backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    assert model.classifier.weight.grad is None  # the maps' weights are detached

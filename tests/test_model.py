@@ -53,3 +53,42 @@ def test_gradients_reach_both_heads(model):
     out.scaled_logits.sum().backward()
     assert m.importance.weight.grad is not None and m.importance.weight.grad.abs().sum() > 0
     assert m.classifier.weight.grad.abs().sum() > 0
+
+
+def test_cam_path_gives_the_same_outputs_and_maps_of_every_class(model):
+    """cam=True runs the trunk in steps of its own: the same logits and alpha, plus one map per class."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain, with_cam = model(x), model(x, cam=True)
+    assert plain.cam is None
+    assert with_cam.cam.shape == (2, 7, 2, 2)  # 64 px: the trunk's stride is 32
+    for name in ("logits", "alpha", "scaled_logits"):
+        assert torch.equal(getattr(plain, name), getattr(with_cam, name)), name
+    # A map is the classifier's weights at every position: pooled, it is the logits without the bias.
+    pooled = with_cam.cam.mean(dim=(2, 3)) + model.classifier.bias
+    assert torch.allclose(pooled, with_cam.logits, atol=1e-5)
+
+
+def test_cam_trains_the_trunk_not_the_classifier():
+    m = SCNModel(num_classes=3)
+    m(torch.randn(2, 3, 64, 64), cam=True).cam.square().sum().backward()
+    assert m.classifier.weight.grad is None  # detached, as in the EAC authors' code
+    assert m.backbone.layer4[1].conv2.weight.grad.abs().sum() > 0
+    assert m.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_scn_and_baseline_outputs_are_torchvisions_resnet():
+    """The path SCN and the baseline take is torchvision's own forward, bit for bit (same seed, same weights)."""
+    import torchvision
+
+    torch.manual_seed(3)
+    m = SCNModel(num_classes=4).eval()
+    reference = torchvision.models.resnet18(weights=None)
+    reference.fc = nn.Identity()
+    reference.load_state_dict(m.backbone.state_dict())
+    reference.eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        out = m(x)
+        assert torch.equal(out.logits, m.classifier(reference(x)))
+        assert torch.equal(torch.flatten(m.backbone.avgpool(m.feature_map(x)), 1), reference(x))

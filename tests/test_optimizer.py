@@ -7,10 +7,13 @@ decay alone used to move SCN's importance branch during a warm-up (and all throu
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import torch
 
 from scn_scale.config import TrainConfig, load_config
-from scn_scale.loop import WorkerSpec, build_engine, deepspeed_config, lr_at, make_optimizer, schedule_epoch, training_loss
+from scn_scale.loop import Worker, WorkerSpec, build_engine, deepspeed_config, lr_at, make_optimizer, schedule_epoch, training_loss
 from scn_scale.model import build_model
 from tests.cli_errors import REPO
 
@@ -68,3 +71,29 @@ def test_a_baseline_run_never_moves_the_importance_branch(one_rank) -> None:
             engine.backward(training_loss(engine(images), labels, cfg, epoch)[0].total)
             engine.step()
     assert torch.equal(_importance(engine.module), start)
+
+
+def test_an_eac_step_in_the_engine_is_the_plain_pytorch_step_and_relabels_nothing(one_rank) -> None:
+    """Worker._forward_backward with method=eac: two forward passes (the batch, its mirror) into one DeepSpeed step."""
+    cfg = load_config(TrainConfig, CONFIG, ["num_workers=1", "batch_size=4", "method=eac", "eac.lam=5"])
+    engine = build_engine(WorkerSpec(cfg=cfg, deepspeed=deepspeed_config(cfg), classes=CLASSES, storage="unused"),
+                          torch.device("cpu"), init=False)
+    torch.manual_seed(cfg.seed)
+    reference = build_model(cfg.model, len(CLASSES))
+    plain = make_optimizer(cfg, reference)
+    start, trunk = _importance(engine.module), engine.module.backbone.conv1.weight.detach().clone()
+    schedule_epoch(engine.optimizer, cfg, 1)
+    worker = SimpleNamespace(engine=engine, cfg=cfg, autocast=contextlib.nullcontext)  # what the method reads of a Worker
+    for images, labels in _batches(2):
+        out, parts, proposals = Worker._forward_backward(worker, images, labels, ["k"] * len(labels), 1)
+        assert proposals is None and float(parts.rr) == 0.0
+        assert out.cam.shape == (4, len(CLASSES), 1, 1)
+        assert float(parts.total) > float(parts.wce) > 0.0  # the consistency term is in the loss
+        plain.zero_grad(set_to_none=True)
+        mirror = reference(images.flip(-1), cam=True)
+        training_loss(reference(images, cam=True), labels, cfg, 1, mirror)[0].total.backward()
+        plain.step()
+    assert torch.equal(_importance(engine.module), start)  # no importance weight in EAC
+    assert not torch.equal(engine.module.backbone.conv1.weight, trunk)
+    for (name, ours), theirs in zip(engine.module.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), name
