@@ -108,7 +108,7 @@ def test_evaluation_report_has_galleries_and_renders_in_chromium(tmp_path: Path)
 # -- training runs --------------------------------------------------------------------------
 
 
-def lay_out_run(tmp_path: Path) -> tuple[Path, dict]:
+def lay_out_run(tmp_path: Path, method: str = "scn") -> tuple[Path, dict]:
     """A run as the trainer leaves it: checkpoints (config, classes, state, relabel table) and
     per-rank alpha parts; its training set has a noise table that records the truth."""
     train = tmp_path / "train"
@@ -126,7 +126,7 @@ def lay_out_run(tmp_path: Path) -> tuple[Path, dict]:
     table.merge([Proposal(k0, noisy["label"][0], noisy["true_label"][0], 0.6, 2),
                  Proposal(k1, noisy["label"][1], wrong, 0.4, 2)])
     cfg = TrainConfig(train_shards=str(train), val_shards=str(train), run_name="scn",
-                      label_overrides=str(tmp_path / "noise.parquet"))
+                      label_overrides=str(tmp_path / "noise.parquet"), method=method)
     for epoch in (1, 2):
         directory = run / checkpoint.checkpoint_dir_name(epoch)
         directory.mkdir(parents=True)
@@ -172,6 +172,7 @@ def test_run_report_shows_lowest_alpha_and_relabels(tmp_path: Path, monkeypatch,
     mean = np.mean(list(known["alpha"].values()))  # each key once, with rank 0's value
     assert f"The 4 of 12 samples trained in epoch 2 with the lowest alpha (mean alpha {mean:.3f})" in text
     assert "2 samples carry a label other than their original one" in text
+    assert "does not train alpha" not in text
     assert "1 relabels are right and 1 wrong" in text
 
     lowest = sorted(known["alpha"], key=known["alpha"].get)[:4]
@@ -185,6 +186,14 @@ def test_run_report_shows_lowest_alpha_and_relabels(tmp_path: Path, monkeypatch,
     relabel_captions = [ax.get_xlabel() for ax in drawn["relabels"].axes if ax.get_xlabel()]
     assert len(relabel_captions) == 2 and "margin 0.60, epoch 2" in relabel_captions[0]
     check_in_chromium(run / "report" / "report.html", tmp_path)
+
+
+@pytest.mark.parametrize("method", ["baseline", "eac"])
+def test_run_report_says_when_the_method_does_not_train_alpha(tmp_path: Path, method: str) -> None:
+    run, _ = lay_out_run(tmp_path, method)
+    assert report.main([str(run), "--samples", "4"]) == 0
+    assert (f"The {method} method does not train alpha: these are its untrained importance branch's values."
+            in (run / "report" / "report.md").read_text())
 
 
 def test_run_report_without_alpha_and_bad_directories(tmp_path: Path, capsys) -> None:
