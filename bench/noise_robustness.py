@@ -76,7 +76,7 @@ METHODS = {
 }
 COLORS = {"baseline": "tab:blue", "scn": "tab:orange", "scn-released": "tab:green", "eac": "tab:red"}
 #: What a run compares unless --methods says otherwise: cross-entropy, SCN as shipped and EAC. The released
-#: relabel rule is one `--methods` entry away; four 8-epoch runs per rate would take the CPU preset past 45 minutes.
+#: relabel rule is one `--methods` entry away; a fourth run per rate would add a third to the CPU preset's time.
 DEFAULT_METHODS = ("baseline", "scn", "eac")
 
 
