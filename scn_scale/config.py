@@ -116,7 +116,7 @@ class SCNConfig:
 class EACConfig:
     """Erasing Attention Consistency (Zhang et al., ECCV 2022, arXiv 2207.10299), for `method: eac`.
 
-    Cross-entropy on the augmented view (randomly erased, as every training view here is) plus
+    Cross-entropy on the augmented view (random erasing included, as for every method) plus
     lam times the mean squared difference between its class activation maps and the mirrored maps
     of its horizontal flip; no relabeling, no importance weight. How this differs from the authors'
     released code is in scn_scale/loss.py (`eac_loss`) and bench/README.md.

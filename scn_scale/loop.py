@@ -360,7 +360,8 @@ class Worker:
         eac = self.cfg.method == "eac"
         with self.autocast():
             out = self.engine(images, cam=eac)
-            # EAC's second view, in a forward pass of its own (BatchNorm normalizes each view by itself, as in the released code).
+            # EAC's mirrored view, in a forward pass of its own: BatchNorm normalizes each view by
+            # itself, as in the released code.
             mirror = self.engine(images.flip(-1), cam=True) if eac else None
         parts, ranked, offset = training_loss(out, labels, self.cfg, epoch, mirror)
         self.engine.backward(parts.total)

@@ -107,14 +107,15 @@ def attention_consistency(cam: Tensor, cam_of_mirror: Tensor) -> Tensor:
     numbers, up to float rounding.
     """
     if cam.shape != cam_of_mirror.shape or cam.dim() != 4:
-        raise ValueError(f"two [N, C, h, w] maps of one shape expected, got {tuple(cam.shape)} and {tuple(cam_of_mirror.shape)}")
+        shapes = f"{tuple(cam.shape)} and {tuple(cam_of_mirror.shape)}"
+        raise ValueError(f"two [N, C, h, w] maps of one shape expected, got {shapes}")
     return F.mse_loss(cam.float(), cam_of_mirror.float().flip(-1))
 
 
 def eac_loss(out: SCNOutput, mirror: SCNOutput, targets: Tensor, lam: float) -> LossParts:
     """Erasing Attention Consistency (Zhang et al., ECCV 2022): CE(view) + lam * attention_consistency.
 
-    `out` is the network on the augmented, randomly erased batch, `mirror` on its horizontal
+    `out` is the network on the augmented batch (random erasing included), `mirror` on its horizontal
     flip, both with their maps (`forward(x, cam=True)`). Only the first view has a cross-entropy
     term: the paper's "imbalanced framework", as in the released code. Returned as
     (total, cross-entropy, 0), the parts every method reports, so `loss` - `wce` in metrics.jsonl
