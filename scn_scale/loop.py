@@ -10,7 +10,9 @@ Each epoch, on every rank:
 3. gather every rank's proposals (rows of the sample index), merge them into one table, check
    its digest on every rank, and add up the ranks' alpha histograms; each rank writes its
    per-sample alpha to its own parquet part in the run directory;
-4. validate on this rank's share of the validation shards and gather predictions by key;
+4. average the ranks' BatchNorm statistics (DeepSpeed keeps only parameters equal), so that every
+   rank validates, and rank 0 saves, the same model; validate on this rank's share of the
+   validation shards and gather predictions by key, each sample counted once;
 5. rank 0 appends the epoch's metrics to the run's metrics file and its tracker (TensorBoard,
    MLflow: scn_scale.tracking, which also gets the per-step scalars of every sums read); every
    rank writes its part of the checkpoint and reports it (the same number of `ray.train.report`
@@ -429,7 +431,10 @@ class Worker:
         total_skipped = sum(sync.all_gather_object(skipped[0]))
         return (Predictions.concat(parts).dedupe() if parts is not None else None), total_skipped
 
-    def epoch_line(self, epoch: int, ranks: list[EpochStats], end: sync.EpochEnd, val: Predictions, val_skipped: int) -> dict:
+    def epoch_line(
+        self, epoch: int, ranks: list[EpochStats], end: sync.EpochEnd, val: Predictions, val_skipped: int,
+        model_digests: list[str],
+    ) -> dict:
         """The metrics of one epoch, as reported and written to metrics.jsonl (rank 0)."""
         samples = sum(s.samples for s in ranks)
         wall = [s.data_time + s.compute_time for s in ranks]
@@ -457,6 +462,7 @@ class Worker:
             "table_size": len(self.table),
             "table_digest": end.digests[0],
             "table_digests": end.digests,
+            "model_digests": model_digests,  # every rank's weights and buffers as validated and saved: all equal
             "images_per_s": samples / max(wall),
             "images_per_s_per_worker": [s.samples / w for s, w in zip(ranks, wall)],
             "data_time_s": [s.data_time for s in ranks],
@@ -504,11 +510,14 @@ class Worker:
         end = sync.end_epoch(self.table, samples, None if self.labels is None else self.labels.noisy, self.cfg.scn.relabel_confirm)
         # Per-sample alpha (for galleries and audits) goes from each rank to its own file, never through rank 0.
         metrics.write_alpha_part(self.spec.run_dir, epoch, self.rank, self.index.keys_at(end.rows), end.sample_alpha)
+        # Validated and saved: one model on every rank (BatchNorm's statistics averaged), proven by its digests.
+        sync.average_buffers(self.engine.module)
+        model_digests = sync.all_gather_object(sync.module_digest(self.engine.module))
         val, val_skipped = self.validate(epoch)
         ranks = sync.all_gather_object(stats)
         line = None
         if self.rank == 0:
-            line = self.epoch_line(epoch, ranks, end, val, val_skipped)
+            line = self.epoch_line(epoch, ranks, end, val, val_skipped, model_digests)
             write_epoch_predictions(self.spec.run_dir, epoch, val, self.spec.classes)
             metrics_file.append(line)
             if tracker is not None:

@@ -68,6 +68,13 @@ def _worker(rank: int, port: int, out: str) -> None:
             result["mismatch"] = None
         except sync.TableMismatchError as e:
             result["mismatch"] = str(e)
+
+        bn = torch.nn.BatchNorm1d(3)  # each rank's running statistics follow its own batch
+        bn(torch.full((4, 3), float(rank + 1)) + torch.arange(4.0)[:, None] * (rank + 1))
+        result["digest_before"] = sync.module_digest(bn)
+        sync.average_buffers(bn)
+        result["bn"] = {k: v.tolist() for k, v in bn.state_dict().items()}
+        result["digest_after"] = sync.module_digest(bn)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -124,6 +131,18 @@ def _local_checks(_: int) -> None:
     table = RelabelTable(INDEX)
     changed, digests = sync.merge_proposals(table, _rows(_proposals(0)))
     assert changed == 2 and digests == [table.digest()]
+
+
+def test_batchnorm_statistics_are_averaged_into_one_model(two_ranks: list[dict]) -> None:
+    """Rank r saw the batch (r + 1) * [1, 2, 3, 4]: running mean 0.1 * 2.5 (r + 1), running var
+    0.9 + 0.1 * 5/3 (r + 1)^2 (unbiased); after the average both ranks hold the means of the two."""
+    assert two_ranks[0]["digest_before"] != two_ranks[1]["digest_before"]
+    assert two_ranks[0]["digest_after"] == two_ranks[1]["digest_after"]
+    assert two_ranks[0]["bn"] == two_ranks[1]["bn"]
+    var = [0.9 + 0.1 * 5 / 3 * (r + 1) ** 2 for r in range(WORLD)]
+    assert two_ranks[0]["bn"]["running_mean"] == pytest.approx([0.1 * 2.5 * 1.5] * 3)
+    assert two_ranks[0]["bn"]["running_var"] == pytest.approx([sum(var) / WORLD] * 3)
+    assert two_ranks[0]["bn"]["num_batches_tracked"] == 1
 
 
 def test_without_a_process_group_everything_is_local() -> None:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from scn_scale import checkpoint, report, tracking
 from scn_scale.config import ConfigError, SCNConfig, TrainConfig, load_config
+from scn_scale.evaluate import EvalConfig, evaluate
 from scn_scale.faults import MARKER_NAME
 from scn_scale.loop import deepspeed_config, training_loss
 from scn_scale.loss import scn_loss
@@ -322,6 +323,20 @@ def test_each_epochs_validation_predictions_are_kept_and_give_its_accuracy(run_a
         assert len(set(table["key"])) == len(table["key"]) == line["val"]["samples"]
         correct = np.array(table["pred"]) == np.array(table["label"])
         assert correct.mean() == pytest.approx(line["val_accuracy"])
+
+
+@pytest.mark.slow
+def test_validation_is_the_saved_model_on_each_sample_once(run_a: list[dict], runs: Path, data: Data, tmp_path: Path) -> None:
+    """Every rank holds the same weights and BatchNorm statistics when it validates (its digest), and the
+    last epoch's val_accuracy is what `scn_scale.evaluate` finds for that epoch's model.pt on the same set."""
+    for line in run_a:
+        assert len(line["model_digests"]) == 2 and len(set(line["model_digests"])) == 1, line["epoch"]
+        assert line["val"]["samples"] == 32  # two shards of 16, each sample once
+    final = runs / "a" / checkpoint.checkpoint_dir_name(4)
+    result = evaluate(EvalConfig(checkpoint=str(final), shards=data.val, out=str(tmp_path), batch_size=16, loader_workers=0))
+    assert result["samples"] == 32
+    assert result["accuracy"] == run_a[-1]["val_accuracy"]
+    assert result["confusion_matrix"] == run_a[-1]["val"]["confusion_matrix"]
 
 
 @pytest.mark.slow
