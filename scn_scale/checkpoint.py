@@ -8,9 +8,11 @@ table can never come from different epochs:
     relabel_table.parquet      the relabel table after the epoch's merge
     config.yaml                the resolved TrainConfig
     classes.json               the class names, in output order
-    model.pt                   plain fp32 weights (scn_scale.weights; a bf16 engine's fp32
-                               master weights), loads with weights_only=True
-    state.json                 epoch, tag, table digest, world size; written last
+    model.pt                   plain fp32 weights and buffers (scn_scale.weights; the engine is
+                               fp32 under precision=bf16 too), loads with weights_only=True
+    state.json                 epoch, tag, table digest, world size; rank 0's last file
+    complete.json              every file of every rank with its size: written into the
+                               run's copy once all ranks' files are there (`mark_complete`)
 
 There is no separate scheduler or RNG state to save: the learning rate is a function of
 the epoch (exponential decay), the data order is planned from (seed, epoch), and the
@@ -28,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import yaml
-from torch import Tensor
 
 from scn_scale.config import TrainConfig, config_to_dict, save_config
 from scn_scale.relabel_table import RelabelTable, SampleIndex
@@ -47,6 +48,9 @@ CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.json"
+COMPLETE_FILE = "complete.json"
+#: state.json's `layout` from which a checkpoint has a COMPLETE_FILE; one without `layout` predates it.
+MARKED_LAYOUT = 2
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -67,45 +71,118 @@ def run_dir(out_dir: str, run_name: str) -> str:
     return join(out_dir.rstrip("/"), run_name)
 
 
-#: Settings a run cannot change when it resumes: they fix its data order (the reader plans
-#: each epoch from seed, shard set, ranks, loader workers, batch size and its mixing settings),
-#: its labels and its method.
+#: Settings a run cannot change when it resumes (`check_resume` refuses, naming them), besides the
+#: ZeRO stage of its DeepSpeed config: what fixes its data order (the reader plans each epoch from seed,
+#: shard set, ranks, loader workers, batch size, input size and its mixing settings), its labels, its
+#: method and SCN recipe (`scn.warmup_epochs` places the importance branch's optimizer reset,
+#: `scn.relabel_epoch` and the margins decide what the relabel table holds: a run changed halfway is a run
+#: of neither recipe), the shape of its model and optimizer state (a checkpoint of another backbone or
+#: optimizer does not load, or loads into the wrong state: Adam's moments are no SGD momentum), and the
+#: set its best checkpoints are chosen on.
 RESUME_FIXED = (
     "method", "seed", "train_shards", "label_overrides", "batch_size", "grad_accum", "num_workers",
-    "loader_workers", "balanced_sampler", "reader",
+    "loader_workers", "balanced_sampler", "reader", "image_size", "val_shards", "scn", "model", "optimizer",
+)
+
+#: Settings a resumed run may change, each sound to change between two starts: how long and how it runs
+#: (epochs, checkpointing, logging, resources, where Ray is), the schedule's numbers (the learning rate,
+#: decay, weight decay and momentum are applied from the settings at every epoch's start, from the first
+#: epoch the new start trains, mid-epoch included), `precision` (bf16 is autocast around the same fp32
+#: engine, so a checkpoint holds fp32 state either way: scn_scale.loop.autocast), the memory format, and
+#: the init weights (a resume starts from its checkpoint, never from `init`). The DeepSpeed file may change
+#: except its ZeRO stage (checked apart: the optimizer state is partitioned by it).
+RESUME_FREE = (
+    "epochs", "keep_checkpoints", "max_failures", "fail_at", "log_every_steps",
+    "tracking", "mlflow_uri", "out_dir", "run_name", "address", "cpus_per_worker", "use_gpu", "lr", "lr_decay",
+    "weight_decay", "momentum", "precision", "channels_last", "deepspeed", "init", "allow_partial_init",
 )
 
 
-def latest_checkpoint(run: str, holding: str = STATE_FILE) -> str | None:
-    """The run's (local path or URL) highest-epoch checkpoint directory that holds the file
-    `holding` (by default the state file, written last: a complete checkpoint), or None."""
+def latest_checkpoint(run: str) -> str | None:
+    """The run's (local path or URL) highest-epoch complete checkpoint directory (`is_complete`), or None.
+
+    Ray copies a checkpoint into the run file by file, every rank its own: a kill in between leaves
+    a directory that may hold a state.json, or a model.pt cut short. Those are passed over.
+    """
     fs, root = open_fs(run)
-    found = fs.glob(join(root, f"checkpoint_epoch_*/{holding}"))
-    epochs = {int(m.group(1)): m.group(0) for path in found if (m := re.search(r"checkpoint_epoch_(\d+)", path))}
-    return join(run.rstrip("/"), epochs[max(epochs)]) if epochs else None
+    found = fs.glob(join(root, "checkpoint_epoch_*"))
+    epochs = sorted((int(m.group(1)), m.group(0)) for path in found if (m := re.search(r"checkpoint_epoch_(\d+)$", path)))
+    for _, name in reversed(epochs):
+        directory = join(run.rstrip("/"), name)
+        if is_complete(directory):
+            return directory
+    return None
 
 
-def check_resume(cfg: TrainConfig, run: str) -> None:
-    """Refuse to resume `run` under settings that would replay its epochs differently.
+def is_complete(directory: str) -> bool:
+    """Whether a checkpoint directory (local path or URL) holds every file its ranks wrote, each whole:
+    its COMPLETE_FILE lists them with their sizes. A checkpoint from before that file existed counts as
+    complete when its state.json (then written last) is there."""
+    fs, root = open_fs(directory)
+    try:
+        marker = json.loads(fs.read_text(join(root, COMPLETE_FILE)))
+    except FileNotFoundError:
+        try:
+            state = json.loads(fs.read_text(join(root, STATE_FILE)))
+        except (FileNotFoundError, ValueError):
+            return False
+        return "layout" not in state
+    except ValueError:  # a marker cut short
+        return False
+    sizes = _file_sizes(fs, root)
+    return all(sizes.get(name) == size for name, size in marker["files"].items())
+
+
+def _file_sizes(fs: Any, root: str) -> dict[str, int]:
+    """Every file under `root` by its path relative to it, with its size."""
+    return {path[len(root) + 1:]: int(info["size"]) for path, info in fs.find(root, detail=True).items()}
+
+
+def mark_complete(directory: str) -> None:
+    """Write the run's copy of a checkpoint its COMPLETE_FILE, listing every file there; call it once
+    every rank's `ray.train.report` of the checkpoint has returned (each rank's files are then copied)."""
+    fs, root = open_fs(directory)
+    files = {name: size for name, size in _file_sizes(fs, root).items() if name != COMPLETE_FILE}
+    write_text(join(directory, COMPLETE_FILE), json.dumps({"files": files}, sort_keys=True))
+
+
+def check_resume(cfg: TrainConfig, run: str, zero_stage: int) -> None:
+    """Refuse to resume `run` under settings it cannot continue with (RESUME_FIXED, and the ZeRO stage
+    `zero_stage` of the DeepSpeed config this start resolved); the others may change (RESUME_FREE).
 
     Ray Train resumes any run whose name it finds in storage, whatever the new settings;
-    a resumed run with another seed or batch size would silently train on another data order.
+    a resumed run with another seed or batch size would silently train on another data order,
+    one with another optimizer or ZeRO stage fail deep inside DeepSpeed.
     """
     last = latest_checkpoint(run)
     if last is None:
         return
     fs, path = open_fs(join(last, CONFIG_FILE))
-    with fs.open(path, "r") as f:
-        saved = yaml.safe_load(f)
-    now = config_to_dict(cfg)
-    changed = [k for k in RESUME_FIXED if saved.get(k) != now[k]]
+    saved = _flat(yaml.safe_load(fs.read_text(path)))
+    fs, path = open_fs(join(last, STATE_FILE))
+    saved["zero_stage"] = json.loads(fs.read_text(path)).get("zero_stage")
+    # A setting added since the checkpoint was written counts as its default there.
+    defaults, now = _flat(config_to_dict(TrainConfig())), {**_flat(config_to_dict(cfg)), "zero_stage": zero_stage}
+    fixed = [k for group in (*RESUME_FIXED, "zero_stage") for k in now if k == group or k.startswith(f"{group}.")]
+    changed = [k for k in fixed if saved.get(k, defaults.get(k)) != now[k]]
     if changed:
-        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        was = ", ".join(f"{k}={saved.get(k, defaults.get(k))!r}" for k in changed)
         asked = ", ".join(f"{k}={now[k]!r}" for k in changed)
         raise CheckpointError(
             f"run {run} resumes from {last}, which was trained with {was}; this start asks for {asked}. "
             f"Resume with the run's settings, or start a new run_name (init= its model file to continue from its weights)"
         )
+
+
+def _flat(settings: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: `{"scn": {"delta2": 0.2}}` -> `{"scn.delta2": 0.2}`."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key != "deepspeed":  # an inline DeepSpeed config is one setting
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def save(
@@ -128,15 +205,15 @@ def save(
     tag = deepspeed_tag(epoch)
     digest = table.digest()
     engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=tag, client_state={"epoch": epoch, "table_digest": digest})
-    masters = master_weights(engine)
     if rank != 0:
         return
     table.save(os.path.join(directory, TABLE_FILE))
     save_config(cfg, os.path.join(directory, CONFIG_FILE))
     write_json(os.path.join(directory, CLASSES_FILE), list(classes))
     extra = {"epoch": epoch, "run_name": cfg.run_name, "method": cfg.method, "image_size": cfg.image_size, "table_digest": digest}
-    save_model_file(os.path.join(directory, MODEL_FILE), engine.module, classes, extra=extra, tensors=masters)
+    save_model_file(os.path.join(directory, MODEL_FILE), engine.module, classes, extra=extra)
     state = {
+        "layout": MARKED_LAYOUT,
         "epoch": epoch,
         "tag": tag,
         "table_digest": digest,
@@ -148,17 +225,6 @@ def save(
         "data_order": "shards dealt by (seed, epoch); torch reseeded from (seed, epoch, rank) each epoch",
     }
     write_json(os.path.join(directory, STATE_FILE), state)
-
-
-def master_weights(engine: DeepSpeedEngine) -> dict[str, Tensor]:
-    """Each parameter's fp32 master copy, where the engine keeps one apart from the module's
-    (bf16 engines): the plain model file then holds what training updated, not its bf16
-    rounding. A collective under ZeRO (each rank holds a partition): every rank calls it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    if not engine.bfloat16_enabled():
-        return {}
-    return {name: safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}
 
 
 def _load_weights_only(path: str, map_location: Any = None) -> Any:

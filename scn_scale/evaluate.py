@@ -1,7 +1,8 @@
 """`python -m scn_scale.evaluate --checkpoint C --shards S --out DIR`: a checkpoint on a shard set, as a report.
 
 C is a checkpoint directory (holding `model.pt`), a training run directory, meaning its
-latest checkpoint (the highest `checkpoint_epoch_NNNN` holding a `model.pt`), or a model
+latest complete checkpoint (the highest `checkpoint_epoch_NNNN` whose files were all copied:
+scn_scale.checkpoint.is_complete), or a model
 file; a local path or a URL (s3://, gs://: where cluster runs keep their checkpoints). The model's classes and the set's
 are matched by name; only classes both have are evaluated, and the report says so.
 
@@ -37,7 +38,9 @@ from scn_scale.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    STATE_FILE,
     CheckpointError,
+    is_complete,
     latest_checkpoint,
     read_metrics,
 )
@@ -95,12 +98,15 @@ def find_model_file(path: str | Path) -> str:
     if fs.isfile(fs_path):
         return path
     if fs.isfile(join(fs_path, MODEL_FILE)):
+        if fs.isfile(join(fs_path, STATE_FILE)) and not is_complete(path):
+            raise CheckpointError(f"{path}: an incomplete checkpoint (its files were not all copied): "
+                                  "evaluate an earlier one, or the run directory for its latest complete one")
         return join(path, MODEL_FILE)
     if not fs.isdir(fs_path):
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    latest = latest_checkpoint(path, holding=MODEL_FILE)
+    latest = latest_checkpoint(path)
     if latest is None:
-        raise CheckpointError(f"{path}: holds no {MODEL_FILE} (neither a checkpoint nor a run directory)")
+        raise CheckpointError(f"{path}: holds no {MODEL_FILE} in a complete checkpoint (neither a checkpoint nor a run directory)")
     return join(latest, MODEL_FILE)
 
 

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -53,6 +54,7 @@ from scn_scale.relabel import BatchProposals, propose_relabels
 from scn_scale.relabel_table import ManifestIndex, RelabelTable
 from scn_scale.weights import load_weights
 from shards import ShardSet, open_shard_set, read_manifest
+from shards.fs import join
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +103,19 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
             )
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError("deepspeed config enables fp16, which this trainer does not support: use bf16 (precision=bf16)")
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    if bf16 and cfg.precision != "bf16":
+    if ds.get("bf16", {}).get("enabled", False) and cfg.precision != "bf16":
         raise ConfigError("deepspeed config enables bf16 but precision is fp32: set precision=bf16 or disable bf16 there")
-    if bf16:
-        # Since DeepSpeed 0.19.2 a bf16 engine casts parameters but not buffers, and
-        # BatchNorm then fails with "expected scalar type BFloat16 but found Float".
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+    if ds.get("data_types", {}).get("buffer_dtype") not in (None, "fp32"):
+        raise ConfigError(
+            f"deepspeed config sets data_types.buffer_dtype={ds['data_types']['buffer_dtype']!r}: BatchNorm's running "
+            "statistics must stay fp32 (momentum updates below bf16's resolution round away); remove it"
+        )
+    # precision=bf16 is an fp32 engine with a bf16 autocast forward (`autocast`): DeepSpeed's bf16 engine
+    # casts the parameters and not the buffers, and BatchNorm then fails ("expected scalar type BFloat16
+    # but found Float") unless its buffers are bf16 too. So the bf16 section, which marks a config meant
+    # for precision=bf16, does not reach DeepSpeed; gradients are reduced in fp32 unless the config's
+    # communication_data_type asks for another type.
+    ds.pop("bf16", None)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) not in (0, 1, 2):
         raise ConfigError(
@@ -120,6 +128,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     # released code does not clip, and a config without the key (none at all, or an inline one such as
     # rafdb-finetune.yaml's) clipped silently. A config may still set it.
     ds.setdefault("gradient_clipping", 0.0)
+    if cfg.optimizer == "sgd" and zero.get("stage", 0) > 0:
+        # DeepSpeed's ZeRO asserts on optimizers outside its tested list (torch's Adam and AdamW are on
+        # it, SGD is not). ZeRO 1-2 hand each rank a slice of the flat parameters, gradients and optimizer
+        # state; torch's SGD updates every element from its own gradient and momentum buffer alone, so a
+        # slice steps exactly as the whole would (tests/test_optimizer.py compares it with plain PyTorch).
+        ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer reports per epoch; DeepSpeed's default logs every 10 steps
     return ds
 
@@ -177,36 +191,39 @@ class EpochStats:
 
 @dataclass
 class TrainLabels:
-    """The training label of every sample and its truth, by row of the sample index, when label_overrides records the truth (synthetic noise)."""
+    """The label of every sample before relabeling (the manifest's, overridden) by row of the sample index, and its
+    truth when label_overrides records one (synthetic noise)."""
 
-    given: torch.Tensor  # int16 [samples]: the manifest's labels, overridden
-    truth: torch.Tensor  # int16 [samples]
+    given: torch.Tensor  # int16 [samples]
+    truth: torch.Tensor | None  # int16 [samples]
 
     @property
-    def noisy(self) -> torch.Tensor:
-        return self.given != self.truth
+    def noisy(self) -> torch.Tensor | None:
+        return None if self.truth is None else self.given != self.truth
 
 
-def read_train_index(cfg: TrainConfig) -> tuple[ManifestIndex, TrainLabels | None]:
-    """The training set's sample index (from its manifest) and its labels by row, the latter only
+def read_train_index(cfg: TrainConfig) -> tuple[ManifestIndex, TrainLabels]:
+    """The training set's sample index (from its manifest) and its labels by row, with their truth only
     if the override table has a `true_label` column (scn_scale.noise writes one).
 
-    Every rank reads both: every rank keys its samples by row, and splits its alpha
-    histogram into noisy and clean samples itself.
+    Every rank reads both: every rank keys its samples by row, splits its alpha histogram
+    into noisy and clean samples itself, and weighs classes for balanced sampling by them.
     """
     manifest = read_manifest(cfg.train_shards, columns=["key", "label"])
     train_index = ManifestIndex.build(manifest.column("key"))
     index, rows = train_index.index, train_index.of_manifest_row
-    if not cfg.label_overrides or "true_label" not in pq.read_schema(cfg.label_overrides).names:
-        return train_index, None
-    truth = torch.zeros(len(index), dtype=torch.int16)
-    truth[torch.from_numpy(rows)] = torch.tensor(manifest.column("label").to_numpy(), dtype=torch.int16)
-    given = truth.clone()
-    noise = pq.read_table(cfg.label_overrides, columns=["key", "label", "true_label"])
-    noisy_rows = torch.from_numpy(index.lookup(noise.column("key")))
-    given[noisy_rows] = torch.tensor(noise.column("label").to_numpy(), dtype=torch.int16)
-    truth[noisy_rows] = torch.tensor(noise.column("true_label").to_numpy(), dtype=torch.int16)
-    return train_index, TrainLabels(given=given, truth=truth)
+    given = torch.zeros(len(index), dtype=torch.int16)
+    given[torch.from_numpy(rows)] = torch.tensor(manifest.column("label").to_numpy(), dtype=torch.int16)
+    if not cfg.label_overrides:
+        return train_index, TrainLabels(given, None)
+    columns = ["key", "label"] + (["true_label"] if "true_label" in pq.read_schema(cfg.label_overrides).names else [])
+    overrides = pq.read_table(cfg.label_overrides, columns=columns)
+    overridden = torch.from_numpy(index.lookup(overrides.column("key")))
+    truth = given.clone() if "true_label" in columns else None
+    given[overridden] = torch.tensor(overrides.column("label").to_numpy(), dtype=torch.int16)
+    if truth is not None:
+        truth[overridden] = torch.tensor(overrides.column("true_label").to_numpy(), dtype=torch.int16)
+    return train_index, TrainLabels(given, truth)
 
 
 def importance_trains(cfg: TrainConfig, epoch: int) -> bool:
@@ -293,6 +310,14 @@ def build_engine(spec: WorkerSpec, device: torch.device, init: bool):
     return engine
 
 
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's precision: for precision=bf16, bf16 autocast around an fp32 engine (`deepspeed_config`), so
+    weights, gradients, optimizer state and BatchNorm's running statistics stay fp32."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class Worker:
     """One rank's training state: settings, data, engine and relabel table."""
 
@@ -323,12 +348,6 @@ class Worker:
         self.resumed_from = {"epoch": restored.epoch, "table_digest": restored.table.digest()}
         log.info("resumed after epoch %d with a relabel table of %d entries", restored.epoch, len(restored.table))
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast for precision=bf16: the whole forward with an fp32 engine, the inputs with a bf16 engine."""
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _loader(self, shard_set: ShardSet, train: bool, epoch: int) -> torch.utils.data.DataLoader:
         return shard_loader(
             shard_set,
@@ -342,9 +361,16 @@ class Worker:
             epoch=epoch,
             overrides=self.overrides if train else None,
             balanced=train and self.cfg.balanced_sampler,
+            labels=self.balance_labels() if train and self.cfg.balanced_sampler else None,
             shuffle_buffer=self.cfg.reader.shuffle_buffer,
             interleave=self.cfg.reader.interleave,
         )
+
+    def balance_labels(self) -> np.ndarray:
+        """The label each training manifest row is trained on this epoch (the relabel table applied), for the
+        balanced sampler: it weighs the classes as training sees them, and a relabel moves a sample's weight."""
+        rows = self.train_index.of_manifest_row
+        return self.table.labels_at(rows, self.labels.given[torch.from_numpy(rows)]).numpy()
 
     def _images(self, batch: dict) -> torch.Tensor:
         memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
@@ -354,7 +380,7 @@ class Worker:
         self, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[str], epoch: int
     ) -> tuple[SCNOutput, LossParts, BatchProposals | None]:
         """One micro-batch: loss, backward, (boundary) step; then the proposals from this forward pass."""
-        with self.autocast():
+        with autocast(self.cfg, self.device):
             out = self.engine(images)
         parts, ranked, offset = training_loss(out, labels, self.cfg, epoch)
         self.engine.backward(parts.total)
@@ -425,7 +451,7 @@ class Worker:
                 skipped[0] += int(batch["skipped"])
                 yield batch
 
-        with self.autocast():
+        with autocast(self.cfg, self.device):
             pred = collect(self.engine.module, counted(self._loader(self.val_set, False, epoch)), self.device)
         parts = sync.gather_object(pred)
         total_skipped = sum(sync.all_gather_object(skipped[0]))
@@ -468,14 +494,19 @@ class Worker:
             "data_time_s": [s.data_time for s in ranks],
             "compute_time_s": [s.compute_time for s in ranks],
         }
-        if self.labels is not None:
+        if self.labels.truth is not None:
             line["audit"] = self.table.audit_rows(self.labels.truth, self.labels.given, self.spec.classes)
         if self.resumed_from is not None and epoch == self.first_epoch:
             line["resumed_from"] = self.resumed_from
         return line
 
     def save_and_report(self, epoch: int, line: dict | None) -> None:
-        """Every rank writes its part of the checkpoint and reports it; Ray merges the parts into one directory."""
+        """Every rank writes its part of the checkpoint and reports it; Ray merges the parts into one directory.
+
+        Each rank's report returns once its files are copied into the run; after the last rank's,
+        rank 0 marks the directory complete (checkpoint.mark_complete), the mark that
+        `latest_checkpoint` (a new start's checks, evaluate, reports) requires of a checkpoint.
+        """
         directory = tempfile.mkdtemp(prefix=f"scn-ckpt-e{epoch}-r{self.rank}-")
         try:
             checkpoint.save(
@@ -489,6 +520,9 @@ class Worker:
             )
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+        sync.barrier()
+        if self.rank == 0:
+            checkpoint.mark_complete(join(self.spec.run_dir, checkpoint.checkpoint_dir_name(epoch)))
 
     def run(self) -> None:
         metrics_file = checkpoint.MetricsFile(self.spec.run_dir, self.first_epoch) if self.rank == 0 else None
@@ -507,7 +541,7 @@ class Worker:
     def run_epoch(self, epoch: int, metrics_file: checkpoint.MetricsFile | None, tracker: tracking.RunTracker | None) -> None:
         """Train, merge the relabels, validate, record (rank 0: `metrics_file`, `tracker`) and checkpoint one epoch."""
         stats, samples = self.train_epoch(epoch, tracker)
-        end = sync.end_epoch(self.table, samples, None if self.labels is None else self.labels.noisy, self.cfg.scn.relabel_confirm)
+        end = sync.end_epoch(self.table, samples, self.labels.noisy, self.cfg.scn.relabel_confirm)
         # Per-sample alpha (for galleries and audits) goes from each rank to its own file, never through rank 0.
         metrics.write_alpha_part(self.spec.run_dir, epoch, self.rank, self.index.keys_at(end.rows), end.sample_alpha)
         # Validated and saved: one model on every rank (BatchNorm's statistics averaged), proven by its digests.
@@ -530,9 +564,27 @@ class Worker:
         self.save_and_report(epoch, line)
 
 
+class _QuietRayTrain(logging.Filter):
+    """Drops Ray Train's own INFO lines in a worker: two per rank at every report ("Reporting training
+    result N: TrainingReport(...)" with the whole metrics dict, "Checkpoint successfully created at"),
+    which would outnumber rank 0's progress lines. By source file: Ray names some of these loggers by
+    their file's path, out of reach of its own `LoggingConfig` (which filters the `ray.train` names)."""
+
+    root = os.path.dirname(ray.train.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.root)
+
+
 def _configure_logging(level: int | None, rank: int) -> None:
-    """The CLI's choice, applied in the worker process it cannot reach: rank 0 prints scn_scale's logs."""
-    if level is None or rank != 0:
+    """The CLI's choice, applied in the worker process it cannot reach: rank 0 prints scn_scale's logs,
+    no rank Ray Train's per-report lines (kept at --log-level DEBUG)."""
+    if level is None:
+        return
+    if level > logging.DEBUG:
+        for handler in (*logging.getLogger().handlers, *logging.getLogger("ray.train").handlers):
+            handler.addFilter(_QuietRayTrain())
+    if rank != 0:
         return
     logger = logging.getLogger("scn_scale")
     if not logger.handlers:

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from scn_scale import gallery, tracking
 from scn_scale.checkpoint import (
     CLASSES_FILE,
+    COMPLETE_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     STATE_FILE,
@@ -312,7 +313,7 @@ def write_run_report(run: str, out: Path, n: int = 16) -> Path:
     run's curves from its TensorBoard event files."""
     checkpoint_dir = latest_checkpoint(run)
     if checkpoint_dir is None:
-        raise CheckpointError(f"{run}: no finished checkpoint (checkpoint_epoch_NNNN/{STATE_FILE})")
+        raise CheckpointError(f"{run}: no complete checkpoint (checkpoint_epoch_NNNN/ with its {COMPLETE_FILE})")
     epoch = json.loads(_read_text(join(checkpoint_dir, STATE_FILE)))["epoch"]
     cfg = yaml.safe_load(_read_text(join(checkpoint_dir, CONFIG_FILE)))
     classes = json.loads(_read_text(join(checkpoint_dir, CLASSES_FILE)))

@@ -58,6 +58,12 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if _distributed():
+        dist.barrier()
+
+
 def gather_object(obj: T) -> list[T] | None:
     """Every rank's `obj` in rank order on rank 0 (None elsewhere): for payloads only rank 0 reads."""
     if not _distributed():

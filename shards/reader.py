@@ -37,6 +37,9 @@ from itertools import islice
 from typing import Any, Callable, Iterator, Mapping
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
@@ -44,6 +47,7 @@ from webdataset.filters import default_collation_fn
 from webdataset.pytorch import DataLoader, IterableDataset
 
 from shards.fs import join, open_fs, to_url
+from shards.manifest import read_manifest
 from shards.pixels import DEFAULT_MAX_PIXELS, image_size
 from shards.sample import IMAGE_EXTENSIONS
 from shards.tario import iter_members, name_at
@@ -253,7 +257,10 @@ class ShardStream(IterableDataset):
     -1 for a sample the manifest does not place where the tar has it) and `skipped`
     (samples this worker dropped as unreadable since its previous batch). Training
     streams mix with `interleave` pieces at once and a `shuffle_buffer` of samples;
-    evaluation leaves both at 1 and 0 and reads each piece in order.
+    evaluation leaves both at 1 and 0 and reads each piece in order. `balanced` draws every
+    class equally often by the label training uses: `labels` (that of each manifest row, e.g.
+    after a relabel table, which changes between epochs: pass the current one each epoch), else
+    the manifest's labels with `overrides`.
     """
 
     def __init__(
@@ -272,6 +279,7 @@ class ShardStream(IterableDataset):
         interleave: int = 1,
         balanced: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        labels: np.ndarray | None = None,
     ) -> None:
         self.shard_set = shard_set
         self.max_pixels = max_pixels
@@ -286,13 +294,30 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.interleave = max(1, interleave)
         # Class-balanced sampling for a stream: keep a sample of class c with probability
-        # min_count / count[c], so every class arrives equally often (the AffectNet recipe).
-        counts = [c for c in shard_set.class_counts if c > 0]
-        self.keep_prob = (
-            [min(counts) / c if c else 0.0 for c in shard_set.class_counts] if balanced and counts else None
-        )
+        # min_count / count[c], so every class arrives equally often (the AffectNet recipe). By the
+        # label training uses, not the one the shard holds: `labels` when the caller's labels
+        # change (a relabel table), else the manifest's with the overrides.
+        self.labels = None
+        self.keep_prob = None
+        if balanced:
+            self.labels = np.asarray(labels) if labels is not None else self._manifest_labels()
+            counts = np.bincount(self.labels, minlength=len(shard_set.classes))
+            least = counts[counts > 0].min() if counts.any() else 0
+            self.keep_prob = [least / c if c else 0.0 for c in counts.tolist()]
         self.epoch = 1
         self.plan()  # validate the set against the readers before any worker starts
+
+    def _manifest_labels(self) -> np.ndarray:
+        """The label of every manifest row as trained on without a relabel table: the manifest's, overridden."""
+        manifest = read_manifest(self.shard_set.url, columns=["key", "label"])
+        labels = manifest.column("label").to_numpy().astype(np.int64)
+        if self.overrides:
+            keys = pa.array(list(self.overrides), pa.string())
+            found = pc.index_in(keys, value_set=manifest.column("key").combine_chunks())
+            placed = found.is_valid().to_numpy(zero_copy_only=False)
+            rows = found.fill_null(0).to_numpy()
+            labels[rows[placed]] = np.fromiter(self.overrides.values(), np.int64, len(self.overrides))[placed]
+        return labels
 
     def set_epoch(self, epoch: int) -> None:
         """Workers are re-created each epoch and read this; webdataset's own counters would not advance."""
@@ -385,7 +410,9 @@ class ShardStream(IterableDataset):
         if self.keep_prob is None:
             return True
         try:
-            return rng.random() < self.keep_prob[int(raw["cls"])]
+            row = raw["__row__"]
+            label = int(self.labels[row]) if row >= 0 else self.overrides.get(raw["__key__"], int(raw["cls"]))
+            return rng.random() < self.keep_prob[label]
         except (KeyError, ValueError, IndexError, TypeError):
             return True  # malformed: decoding will count it as skipped
 

@@ -393,3 +393,35 @@ def test_balanced_stream_draws_classes_equally(tmp_path: Path, rng: np.random.Ge
         labels += [int(x) for b in make_loader(stream) for x in b["label"]]
     share = sum(labels) / len(labels)
     assert 0.38 < share < 0.62, share  # unbalanced it would be 0.2
+
+
+def test_balanced_stream_weighs_the_label_training_uses(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Overrides (synthetic noise) and a caller's labels (the trainer's relabel table, per epoch) decide the
+    balance, not the label in the shard: drawn by the shard's labels these epochs would be 7 of 8 "happiness"."""
+    classes = ("neutral", "happiness")
+    with ShardWriter(tmp_path, classes, max_samples=50) as writer:
+        for i in range(200):  # 160 neutral, 40 happiness in the shards
+            data = jpeg_bytes(rng, 8)
+            writer.write(Sample(key=key_from_bytes(data), image=data, label=int(i % 5 == 0)))
+    shard_set = open_shard_set(str(tmp_path))
+    keys = read_manifest(str(tmp_path), columns=["key", "label"]).to_pydict()
+    neutral = [k for k, label in zip(keys["key"], keys["label"]) if label == 0]
+    overrides = {k: 1 for k in neutral[:120]}  # trained on: 40 neutral, 160 happiness
+    train_labels, rows = [], []
+    for epoch in range(1, 4):
+        stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=0, batch_size=10,
+                             transform=_identity, balanced=True, seed=epoch, overrides=overrides)
+        for batch in make_loader(stream):
+            train_labels += [int(x) for x in batch["label"]]
+    share = sum(train_labels) / len(train_labels)
+    assert 0.38 < share < 0.62, share
+
+    relabeled = np.zeros(200, dtype=np.int64)
+    relabeled[:30] = 1  # a table that moved every label: 30 rows of happiness, 170 of neutral
+    for epoch in range(1, 4):
+        stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=0, batch_size=10,
+                             transform=_identity, balanced=True, seed=epoch, labels=relabeled)
+        rows += [int(r) for batch in make_loader(stream) for r in batch["row"]]
+    share = relabeled[rows].mean()
+    assert 0.38 < share < 0.62, share  # by the shards' labels (or none) about 0.15
+

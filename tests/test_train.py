@@ -6,7 +6,9 @@ gloo, and real shard sets written here, entering through `scn_scale.train.main`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -185,7 +187,11 @@ def test_deepspeed_config_is_filled_from_the_trainer() -> None:
     cfg = load_config(TrainConfig, CONFIG, ["grad_accum=2", "precision=bf16", "deepspeed=" + str(REPO / "cluster/deepspeed/zero2-bf16.json")])
     ds = deepspeed_config(cfg)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (32, 2, 128)
-    assert ds["data_types"]["buffer_dtype"] == "bf16" and ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["stage"] == 2
+    # An fp32 engine under bf16 autocast (scn_scale.loop.autocast): BatchNorm's statistics stay fp32.
+    assert "bf16" not in ds and "data_types" not in ds
+    with pytest.raises(ConfigError, match="buffer_dtype='bf16'.*must stay fp32"):
+        deepspeed_config(dataclasses.replace(cfg, deepspeed={"data_types": {"buffer_dtype": "bf16"}}))
     # The released code does not clip; DeepSpeed would at norm 1.0 where a config does not say.
     assert ds["gradient_clipping"] == 0.0
     unsaid = load_config(TrainConfig, CONFIG, ["deepspeed={}"])
@@ -200,7 +206,9 @@ def test_shipped_training_configs_load_and_agree_with_their_deepspeed_config(pat
     cfg = load_config(TrainConfig, str(path), [])
     ds = deepspeed_config(cfg)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.batch_size
-    assert ("bf16" in ds and ds["bf16"].get("enabled", False)) == (cfg.precision == "bf16")
+    given = json.loads(Path(cfg.deepspeed).read_text())
+    assert given.get("bf16", {}).get("enabled", False) == (cfg.precision == "bf16")
+    assert "data_types" not in given  # BatchNorm's buffers stay fp32
 
 
 def test_fail_at_and_init_are_checked(capsys, small_set: str, tmp_path: Path) -> None:
@@ -274,17 +282,22 @@ def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -
     log = out / "failing.log"
     cmd = [sys.executable, "-m", "scn_scale.train", "--ray-address", local_ray,
            *_args(data, out, "failing", "fail_at=epoch=4,step=2,rank=1,how=kill", "keep_checkpoints=1")]
-    with open(log, "w") as f:
+    # "quiet": 2 epochs through the CLI on a local cluster of its own, beside the session's (another Ray instance).
+    quiet = [sys.executable, "-m", "scn_scale.train", *_args(data, out, "quiet", "epochs=2")]
+    with open(log, "w") as f, open(out / "quiet.log", "w") as g:
         failing = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        alone = subprocess.Popen(quiet, cwd=REPO, stdout=g, stderr=subprocess.STDOUT)
     try:
         assert main(_args(data, out, "a", "epochs=3")) == 0
         for name in KILL_LEFTOVERS:
             (out / "a" / name).write_bytes(b"half a file")
         assert main(_args(data, out, "a")) == 0  # the same run again, one epoch longer: it resumes
         assert failing.wait(timeout=600) == 0, log.read_text()[-5000:]
+        assert alone.wait(timeout=600) == 0, (out / "quiet.log").read_text()[-5000:]
     finally:
-        if failing.poll() is None:
-            failing.kill()
+        for proc in (failing, alone):
+            if proc.poll() is None:
+                proc.kill()
     return out
 
 
@@ -441,6 +454,22 @@ def test_a_failed_attempts_steps_are_purged_and_the_logs_suit_ray(runs: Path) ->
     assert "Failed to query Ray Train Controller actor state" not in log
     assert "scn_scale.progress: epoch 1 step 2/5: loss" in log and "scn_scale.progress: epoch 4 step 4/5: loss" in log
     assert "it/s]" not in log  # no tqdm bar in a log
+
+
+@pytest.mark.slow
+def test_a_successful_run_beside_another_ray_instance_is_quiet(runs: Path) -> None:
+    """No traceback (Ray Train's placement-group cleaner used to fail with "Found multiple active Ray
+    instances"), none of Ray Train's per-report lines, and at most a few lines an epoch besides progress."""
+    log = (runs / "quiet.log").read_text()
+    assert [m["epoch"] for m in checkpoint.read_metrics(str(runs / "quiet"))] == [1, 2]
+    for noise in ("Traceback", "Found multiple active Ray instances", "Reporting training result",
+                  "Checkpoint successfully created", "Failed to query Ray Train Controller actor state"):
+        assert noise not in log, noise
+    lines = log.splitlines()
+    ends = [i for i, line in enumerate(lines) if "scn_scale.loop: epoch " in line]
+    assert len(ends) == 2 and "scn_scale.progress: epoch 2 step 4/5: loss" in log
+    between = [line for line in lines[ends[0] + 1 : ends[1]] if "scn_scale.progress" not in line]
+    assert len(between) <= 4, between
 
 
 @pytest.mark.slow
