@@ -206,7 +206,7 @@ def test_shipped_training_configs_load_and_agree_with_their_deepspeed_config(pat
     cfg = load_config(TrainConfig, str(path), [])
     ds = deepspeed_config(cfg)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.batch_size
-    given = json.loads(Path(cfg.deepspeed).read_text())
+    given = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else json.loads(Path(cfg.deepspeed).read_text())
     assert given.get("bf16", {}).get("enabled", False) == (cfg.precision == "bf16")
     assert "data_types" not in given  # BatchNorm's buffers stay fp32
 
