@@ -1,7 +1,9 @@
-"""Everything a run leaves under `out_dir/run_name/`: epoch checkpoints and the metrics file.
+"""Everything a run leaves under `out_dir/run_name/`: checkpoints and the metrics file.
 
-One checkpoint directory per epoch holds every piece of state, so model and relabel
-table can never come from different epochs:
+One checkpoint directory per epoch (`checkpoint_epoch_NNNN`), and with `checkpoint_every_steps`
+one every so many steps within an epoch (`checkpoint_epoch_NNNN_step_SSSSSS`: epoch NNNN
+after SSSSSS of its steps), holds every piece of state, so model and relabel table can never
+come from different points of training:
 
     deepspeed/<tag>/...        DeepSpeed's files: rank 0's model states, every rank's
                                ZeRO optimizer partition (each rank writes its own)
@@ -9,20 +11,26 @@ table can never come from different epochs:
     config.yaml                the resolved TrainConfig
     classes.json               the class names, in output order
     model.pt                   plain fp32 weights and buffers (scn_scale.weights; the engine is
-                               fp32 under precision=bf16 too), loads with weights_only=True
-    state.json                 epoch, tag, table digest, world size; rank 0's last file
+                               fp32 under precision=bf16 too), loads with weights_only=True;
+                               epoch checkpoints only (a validated model, buffers averaged)
+    partial/rank_RRRR.pt       mid-epoch checkpoints only, one per rank, written by that rank:
+                               what the rank has of the epoch so far (scn_scale.loop.EpochState)
+    state.json                 epoch, step, tag, table digest, world size; rank 0's last file
     complete.json              every file of every rank with its size: written into the
                                run's copy once all ranks' files are there (`mark_complete`)
 
-There is no separate scheduler or RNG state to save: the learning rate is a function of
-the epoch (exponential decay), the data order is planned from (seed, epoch), and the
-trainer reseeds torch from (seed, epoch, rank) at the start of every epoch. So the epoch
-number is the whole data-order and RNG state, and a resumed epoch replays exactly.
+There is no separate scheduler or data-order state to save: the learning rate is a function
+of the epoch (exponential decay), the data order is planned from (seed, epoch), augmentation
+is seeded per batch (shards.reader), and the trainer reseeds torch from (seed, epoch, rank) at
+the start of every epoch. So (epoch, step) is the whole data position: an epoch checkpoint
+resumes at the next epoch's start, a mid-epoch one by passing over the epoch's first `step`
+batches (read and decoded, not trained) and restoring each rank's epoch state.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -47,6 +55,7 @@ TABLE_FILE = "relabel_table.parquet"
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"
 MODEL_FILE = "model.pt"
+PARTIAL_DIR = "partial"
 STATE_FILE = "state.json"
 COMPLETE_FILE = "complete.json"
 #: state.json's `layout` from which a checkpoint has a COMPLETE_FILE; one without `layout` predates it.
@@ -58,12 +67,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint is incomplete or does not fit the run that tries to resume from it."""
 
 
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"checkpoint_epoch_{epoch:04d}"
+def checkpoint_dir_name(epoch: int, step: int | None = None) -> str:
+    """`checkpoint_epoch_NNNN` after epoch NNNN; `checkpoint_epoch_NNNN_step_SSSSSS` after SSSSSS of its steps."""
+    return f"checkpoint_epoch_{epoch:04d}" + ("" if step is None else f"_step_{step:06d}")
 
 
-def deepspeed_tag(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
+def deepspeed_tag(epoch: int, step: int | None = None) -> str:
+    return f"epoch_{epoch:04d}" + ("" if step is None else f"_step_{step:06d}")
+
+
+_NAME = re.compile(r"checkpoint_epoch_(\d+)(?:_step_(\d+))?$")
+
+
+def position(name: str) -> tuple[int, float] | None:
+    """Where in training a checkpoint directory's name puts it, as a sort key: (epoch, step), an
+    epoch's own checkpoint after all its steps; None for a name that is no checkpoint's."""
+    m = _NAME.search(name.rstrip("/"))
+    if m is None:
+        return None
+    return int(m.group(1)), math.inf if m.group(2) is None else int(m.group(2))
+
+
+def partial_file(rank: int) -> str:
+    return f"{PARTIAL_DIR}/rank_{rank:04d}.pt"
 
 
 def run_dir(out_dir: str, run_name: str) -> str:
@@ -92,26 +118,62 @@ RESUME_FIXED = (
 #: the init weights (a resume starts from its checkpoint, never from `init`). The DeepSpeed file may change
 #: except its ZeRO stage (checked apart: the optimizer state is partitioned by it).
 RESUME_FREE = (
-    "epochs", "keep_checkpoints", "max_failures", "fail_at", "log_every_steps",
+    "epochs", "keep_checkpoints", "checkpoint_every_steps", "max_failures", "fail_at", "log_every_steps",
     "tracking", "mlflow_uri", "out_dir", "run_name", "address", "cpus_per_worker", "use_gpu", "lr", "lr_decay",
     "weight_decay", "momentum", "precision", "channels_last", "deepspeed", "init", "allow_partial_init",
 )
 
 
-def latest_checkpoint(run: str) -> str | None:
-    """The run's (local path or URL) highest-epoch complete checkpoint directory (`is_complete`), or None.
+def checkpoints(run: str) -> list[str]:
+    """The run's (local path or URL) checkpoint directories, complete or not, in training order."""
+    fs, root = open_fs(run)
+    named = [(key, path.rstrip("/").rsplit("/", 1)[-1]) for path in fs.glob(join(root, "checkpoint_epoch_*"))
+             if (key := position(path)) is not None]
+    return [join(run.rstrip("/"), name) for _, name in sorted(named)]
+
+
+def latest_checkpoint(run: str, mid_epoch: bool = False) -> str | None:
+    """The run's (local path or URL) latest complete checkpoint directory (`is_complete`), or None:
+    the latest epoch's, or with `mid_epoch` the latest of any (where a resume starts).
 
     Ray copies a checkpoint into the run file by file, every rank its own: a kill in between leaves
     a directory that may hold a state.json, or a model.pt cut short. Those are passed over.
     """
-    fs, root = open_fs(run)
-    found = fs.glob(join(root, "checkpoint_epoch_*"))
-    epochs = sorted((int(m.group(1)), m.group(0)) for path in found if (m := re.search(r"checkpoint_epoch_(\d+)$", path)))
-    for _, name in reversed(epochs):
-        directory = join(run.rstrip("/"), name)
-        if is_complete(directory):
+    for directory in reversed(checkpoints(run)):
+        if (mid_epoch or position(directory)[1] == math.inf) and is_complete(directory):
             return directory
     return None
+
+
+def resume_point(run: str, registered: str | None) -> str | None:
+    """The checkpoint a (re)starting attempt of `run` resumes from: its latest complete one, of any kind.
+
+    `registered` is the directory name of the checkpoint Ray Train hands the attempt
+    (`ray.train.get_checkpoint`), the last whose reports from every rank its controller took in.
+    The controller takes reports in when it polls the workers, so after a kill right after a report
+    it may name an older checkpoint than the run holds complete: the run's own is newer. It
+    registers a checkpoint once every rank's files are copied, which is before rank 0 marks it
+    complete: one it names is marked here if the kill came in between. Directories after the
+    chosen one are what kills during copies left: they are removed, so that this attempt's copies
+    of them start empty.
+    """
+    if registered is not None:
+        named = join(run.rstrip("/"), registered)
+        fs, path = open_fs(named)
+        if fs.isdir(path) and not is_complete(named):
+            mark_complete(named)
+    chosen = latest_checkpoint(run, mid_epoch=True)
+    after = position(chosen) if chosen is not None else (0, -1)
+    for directory in checkpoints(run):
+        if position(directory) > after:
+            remove(directory)
+    return chosen
+
+
+def remove(directory: str) -> None:
+    """Delete a checkpoint directory (local path or URL) and everything in it."""
+    fs, path = open_fs(directory)
+    fs.rm(path, recursive=True)
 
 
 def is_complete(directory: str) -> bool:
@@ -154,7 +216,7 @@ def check_resume(cfg: TrainConfig, run: str, zero_stage: int) -> None:
     a resumed run with another seed or batch size would silently train on another data order,
     one with another optimizer or ZeRO stage fail deep inside DeepSpeed.
     """
-    last = latest_checkpoint(run)
+    last = latest_checkpoint(run, mid_epoch=True)
     if last is None:
         return
     fs, path = open_fs(join(last, CONFIG_FILE))
@@ -195,26 +257,35 @@ def save(
     classes: Sequence[str],
     rank: int,
     world_size: int,
+    step: int | None = None,
+    partial: dict | None = None,
 ) -> None:
-    """Write epoch `epoch`'s checkpoint into the local `directory`; every rank must call it.
+    """Write a checkpoint into the local `directory`; every rank must call it. After epoch `epoch`, or
+    with `step` after that many of its steps, each rank giving its `partial` epoch state (tensors and
+    plain values: it loads with weights_only=True).
 
-    Every rank writes its DeepSpeed files (its own directory on its own node; Ray merges
-    them at report time); rank 0 writes the rest, state.json last, so a directory with a
-    state file is complete.
+    Every rank writes its DeepSpeed files and its partial state (its own directory on its own
+    node; Ray merges them at report time); rank 0 writes the rest, state.json last.
     """
-    tag = deepspeed_tag(epoch)
+    tag = deepspeed_tag(epoch, step)
     digest = table.digest()
-    engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=tag, client_state={"epoch": epoch, "table_digest": digest})
+    client_state = {"epoch": epoch, "step": step, "table_digest": digest}
+    engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=tag, client_state=client_state)
+    if step is not None:
+        os.makedirs(os.path.join(directory, PARTIAL_DIR), exist_ok=True)
+        torch.save(partial, os.path.join(directory, partial_file(rank)))
     if rank != 0:
         return
     table.save(os.path.join(directory, TABLE_FILE))
     save_config(cfg, os.path.join(directory, CONFIG_FILE))
     write_json(os.path.join(directory, CLASSES_FILE), list(classes))
-    extra = {"epoch": epoch, "run_name": cfg.run_name, "method": cfg.method, "image_size": cfg.image_size, "table_digest": digest}
-    save_model_file(os.path.join(directory, MODEL_FILE), engine.module, classes, extra=extra)
+    if step is None:  # mid-epoch, the ranks' BatchNorm statistics differ: no model to evaluate yet
+        extra = {"epoch": epoch, "run_name": cfg.run_name, "method": cfg.method, "image_size": cfg.image_size, "table_digest": digest}
+        save_model_file(os.path.join(directory, MODEL_FILE), engine.module, classes, extra=extra)
     state = {
         "layout": MARKED_LAYOUT,
         "epoch": epoch,
+        "step": step,
         "tag": tag,
         "table_digest": digest,
         "table_size": len(table),
@@ -222,13 +293,13 @@ def save(
         "zero_stage": engine.zero_optimization_stage(),
         "optimizer_groups": len(engine.optimizer.param_groups),
         "seed": cfg.seed,
-        "data_order": "shards dealt by (seed, epoch); torch reseeded from (seed, epoch, rank) each epoch",
+        "data_order": "shards dealt by (seed, epoch), augmentation seeded per batch; torch reseeded from (seed, epoch, rank) each epoch",
     }
     write_json(os.path.join(directory, STATE_FILE), state)
 
 
-def _load_weights_only(path: str, map_location: Any = None) -> Any:
-    """DeepSpeed's checkpoint-engine `load`, with weights_only=True.
+def load_weights_only(path: str, map_location: Any = None) -> Any:
+    """A checkpoint's torch file with weights_only=True: DeepSpeed's checkpoint-engine `load`, and a rank's epoch state.
 
     DeepSpeed loads its own files with weights_only=False, which runs whatever a file
     pickled; its files hold tensors, plain types and the DeepSpeed state classes allowed here.
@@ -248,9 +319,16 @@ def _load_weights_only(path: str, map_location: Any = None) -> Any:
 
 @dataclass
 class Restored:
-    epoch: int  # the last finished epoch; training continues with epoch + 1
+    epoch: int  # the last finished epoch, or with `step` the epoch in progress
+    step: int | None  # steps of `epoch` done (a mid-epoch checkpoint), None after a whole epoch
     table: RelabelTable
     classes: list[str]
+    partial: dict | None  # this rank's epoch state at a mid-epoch checkpoint
+
+    @property
+    def next_position(self) -> tuple[int, int]:
+        """(epoch, steps of it already trained) where training continues."""
+        return (self.epoch + 1, 0) if self.step is None else (self.epoch, self.step)
 
 
 def read_state(directory: str) -> dict:
@@ -261,8 +339,9 @@ def read_state(directory: str) -> dict:
         return json.load(f)
 
 
-def load(directory: str, engine: DeepSpeedEngine, world_size: int, index: SampleIndex | None = None) -> Restored:
-    """Restore model, optimizer and relabel table from the local checkpoint `directory` into `engine`.
+def load(directory: str, engine: DeepSpeedEngine, world_size: int, rank: int = 0, index: SampleIndex | None = None) -> Restored:
+    """Restore model, optimizer and relabel table from the local checkpoint `directory` into `engine`,
+    and from a mid-epoch one rank `rank`'s epoch state.
 
     The table is keyed by `index` (the training set's sample index) when given; a key it
     does not hold is an error (UnknownKeyError).
@@ -275,6 +354,12 @@ def load(directory: str, engine: DeepSpeedEngine, world_size: int, index: Sample
     checked first; the table must match the digest recorded beside the model.
     """
     state = read_state(directory)
+    step = state.get("step")
+    if step is not None and state["world_size"] != world_size:
+        raise CheckpointError(
+            f"{directory} was written mid-epoch by {state['world_size']} ranks, each at its own place in its share of "
+            f"the epoch; resume it with num_workers={state['world_size']}"
+        )
     if state["zero_stage"] > 0 and state["world_size"] != world_size:
         raise CheckpointError(
             f"{directory} was written by {state['world_size']} ranks with ZeRO stage {state['zero_stage']}, "
@@ -291,18 +376,20 @@ def load(directory: str, engine: DeepSpeedEngine, world_size: int, index: Sample
     missing = CheckpointError(f"{directory}: no DeepSpeed checkpoint with tag {state['tag']!r}")
     if not os.path.isdir(os.path.join(deepspeed_dir, state["tag"])):
         raise missing  # DeepSpeed itself fails an assertion on a missing tag
-    engine.checkpoint_engine.load = _load_weights_only  # every file DeepSpeed reads below
+    engine.checkpoint_engine.load = load_weights_only  # every file DeepSpeed reads below
     path, client_state = engine.load_checkpoint(deepspeed_dir, tag=state["tag"])
     if path is None:
         raise missing
-    if client_state.get("epoch") != state["epoch"]:
-        raise CheckpointError(f"{directory}: DeepSpeed state is from epoch {client_state.get('epoch')}, state.json says {state['epoch']}")
+    if (client_state.get("epoch"), client_state.get("step")) != (state["epoch"], step):
+        raise CheckpointError(f"{directory}: DeepSpeed state is from epoch {client_state.get('epoch')} step "
+                              f"{client_state.get('step')}, state.json says epoch {state['epoch']} step {step}")
     table = RelabelTable.load(os.path.join(directory, TABLE_FILE), index)
     if table.digest() != state["table_digest"]:
         raise CheckpointError(f"{directory}: the relabel table's digest does not match the one recorded with the model")
     with open(os.path.join(directory, CLASSES_FILE)) as f:
         classes = json.load(f)
-    return Restored(epoch=int(state["epoch"]), table=table, classes=classes)
+    partial = None if step is None else load_weights_only(os.path.join(directory, partial_file(rank)))
+    return Restored(epoch=int(state["epoch"]), step=step, table=table, classes=classes, partial=partial)
 
 
 def remove_temp_files(run: str) -> list[str]:

@@ -92,6 +92,7 @@ def shard_loader(
     labels: np.ndarray | None = None,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     interleave: int = DEFAULT_INTERLEAVE,
+    start_batch: int = 0,
 ) -> torch.utils.data.DataLoader:
     """A loader over this rank's part of the set for one epoch (1-based).
 
@@ -101,7 +102,8 @@ def shard_loader(
     current label of each manifest row (the trainer's relabel table applied), else the manifest's
     with `overrides` (shards.reader.ShardStream). Either way
     every rank gets the same number of batches, and the caller de-duplicates by key
-    where each sample must count once.
+    where each sample must count once. `start_batch`: the epoch resumed after that many of
+    this rank's batches (a mid-epoch checkpoint), the rest exactly as an uninterrupted epoch's.
     """
     stream = ShardStream(
         shard_set,
@@ -117,6 +119,7 @@ def shard_loader(
         interleave=interleave if train else 1,
         balanced=balanced,
         labels=labels,
+        start_batch=start_batch,
     )
     stream.set_epoch(epoch)
     return make_loader(stream, pin_memory=torch.cuda.is_available())

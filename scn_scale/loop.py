@@ -18,6 +18,11 @@ Each epoch, on every rank:
    rank writes its part of the checkpoint and reports it (the same number of `ray.train.report`
    calls everywhere).
 
+With `checkpoint_every_steps`, step 2 also writes a checkpoint every so many steps: the
+model and optimizer, the table, and each rank's `EpochState` with its random state and
+BatchNorm statistics. A resume from it passes over the epoch's trained batches and goes on
+exactly as the uninterrupted epoch (tests/test_train.py compares the two).
+
 A relabel proposed in epoch e is merged at the end of epoch e and trained on from e + 1; with
 `scn.relabel_confirm` = k it is merged at the end of the k-th consecutive epoch proposing it.
 """
@@ -25,9 +30,10 @@ A relabel proposed in epoch e is merged at the end of epoch e and trained on fro
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -55,6 +61,7 @@ from scn_scale.relabel_table import ManifestIndex, RelabelTable
 from scn_scale.weights import load_weights
 from shards import ShardSet, open_shard_set, read_manifest
 from shards.fs import join
+from shards.reader import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +151,8 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Torch seed for one rank's epoch (augmentation, dropout, loader worker seeds); Python's hash() differs per process."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()[:8], "little") % 2**63
+    """Torch seed for one rank's epoch (dropout, loader worker seeds; augmentation is seeded per batch by the reader)."""
+    return derive_seed(seed, epoch, rank)
 
 
 #: The parts of a metrics line that go to `ray.train.report` (and so to Ray's result and
@@ -155,6 +162,9 @@ REPORTED = (
     "relabels", "relabels_total", "table_digest", "audit", "skipped", "val_skipped", "images_per_s",
     "images_per_s_per_worker",
 )
+#: What ranks a mid-epoch checkpoint for Ray's retention (`checkpoint_score`, an epoch's val_accuracy
+#: otherwise): below every epoch checkpoint, so it is kept only while it is the latest.
+MID_EPOCH_SCORE = -1.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,53 @@ class EpochStats:
     skipped: int = 0  # corrupt samples the reader dropped
     data_time: float = 0.0  # waiting for batches
     compute_time: float = 0.0  # forward, backward, step, proposals
+
+
+@dataclass
+class EpochState:
+    """What one rank has of the epoch it trains: its sums, its per-sample record (alpha, relabel
+    proposals), the running device sums and the tracker meter's last read.
+
+    A mid-epoch checkpoint saves it (`to_partial`) with what else differs by rank there: the
+    random state of torch and the BatchNorm statistics (averaged only at the epoch's end).
+    """
+
+    stats: EpochStats
+    samples: sync.EpochSamples
+    sums: metrics.RunningSums
+    meter: tracking.StepMeter
+
+    @classmethod
+    def start(cls, epoch: int, lr: float, world: int, device: torch.device) -> EpochState:
+        return cls(EpochStats(), sync.EpochSamples(epoch), metrics.RunningSums(device), tracking.StepMeter(lr, world))
+
+    def to_partial(self, module: torch.nn.Module, device: torch.device) -> dict:
+        """Host tensors and plain values only: the checkpoint loads it with weights_only=True."""
+        return {
+            "stats": dataclasses.asdict(self.stats),
+            "samples": self.samples.state_dict(),
+            "sums": self.sums.total.cpu(),
+            "meter": {"sums": self.meter.sums, "samples": self.meter.samples},
+            "buffers": {name: b.detach().cpu().clone() for name, b in module.named_buffers()},
+            "random": torch.get_rng_state(),
+            "device_random": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+
+    @classmethod
+    def from_partial(cls, partial: dict, epoch: int, lr: float, world: int, device: torch.device) -> EpochState:
+        state = cls.start(epoch, lr, world, device)
+        state.stats = EpochStats(**partial["stats"])
+        state.samples = sync.EpochSamples.from_state(partial["samples"], device)
+        state.sums.total = partial["sums"].to(device)
+        state.meter.sums, state.meter.samples = dict(partial["meter"]["sums"]), partial["meter"]["samples"]
+        return state
+
+
+def restore_random(partial: dict, device: torch.device) -> None:
+    """Torch's random state as a mid-epoch checkpoint saved it (dropout continues as it would have)."""
+    torch.set_rng_state(partial["random"])
+    if partial["device_random"] is not None:
+        torch.cuda.set_rng_state(partial["device_random"], device)
 
 
 @dataclass
@@ -269,7 +326,7 @@ def make_optimizer(cfg: TrainConfig, model: SCNModel) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> None:
+def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, resumed: bool = False) -> None:
     """Set every parameter group's lr for the 1-based `epoch`; hold the importance branch while alpha is unused.
 
     A plain torch optimizer skips a parameter whose gradient is None. DeepSpeed (ZeRO) hands
@@ -278,7 +335,8 @@ def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: in
     and SCN then started from alpha = 0.5 everywhere instead of the network's initial branch.
     With lr and weight decay at 0 the branch, and Adam's moments for it, stay as they are. At the
     first epoch in which it trains its optimizer state is reset, so its first step is an
-    optimizer's first step there, as in plain PyTorch (not one scaled by a step count it never used).
+    optimizer's first step there, as in plain PyTorch (not one scaled by a step count it never used);
+    not again when that epoch is `resumed` mid-way (its state then holds the epoch's steps so far).
     """
     trains = importance_trains(cfg, epoch)
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
@@ -287,7 +345,7 @@ def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: in
         held = branch and not trains
         group["lr"] = 0.0 if held else lr_at(cfg, epoch)
         group["weight_decay"] = 0.0 if held else cfg.weight_decay
-        if branch and trains and epoch == cfg.scn.warmup_epochs + 1 > 1:
+        if branch and trains and epoch == cfg.scn.warmup_epochs + 1 > 1 and not resumed:
             for p in group["params"]:
                 inner.state.pop(p, None)
 
@@ -330,25 +388,54 @@ class Worker:
         self.train_index, self.labels = read_train_index(self.cfg)
         self.index = self.train_index.index
         self.fault = FaultPlan.parse(self.cfg.fail_at, self.cfg.num_workers)
-        resume_from = ray.train.get_checkpoint()
+        self._unregistered: str | None = None  # rank 0: a checkpoint resumed from that Ray's retention does not know
+        resume_from = self._resume_point()
         self.engine = build_engine(spec, device, init=bool(self.cfg.init) and resume_from is None)
         self.table = RelabelTable(self.index)
-        self.first_epoch = 1
+        self.first_epoch, self.start_step = 1, 0
+        self.partial: dict | None = None  # this rank's state of the epoch a mid-epoch checkpoint resumes
         self.resumed_from: dict | None = None
         if resume_from is not None:
             self._restore(resume_from)
         sync.check_digests(self.table)
 
-    def _restore(self, ckpt: ray.train.Checkpoint) -> None:
-        with ckpt.as_directory() as directory:
-            restored = checkpoint.load(directory, self.engine, self.world, self.index)
+    def _resume_point(self) -> str | None:
+        """The checkpoint this attempt resumes from (scn_scale.checkpoint.resume_point), chosen by rank 0 for all.
+
+        One newer than Ray's registered checkpoint is unknown to Ray's retention: if it is a mid-epoch
+        one, rank 0 removes it itself once a newer checkpoint is complete (`_unregistered`); an epoch's
+        stays, as one of the run's epochs (at most one per failure).
+        """
+        choice = None
+        if self.rank == 0:
+            registered = ray.train.get_checkpoint()
+            name = None if registered is None else os.path.basename(registered.path.rstrip("/"))
+            choice = checkpoint.resume_point(self.spec.run_dir, name)
+            if choice is not None and (name is None or checkpoint.position(choice) > checkpoint.position(name)):
+                log.info("resuming from %s, which Ray Train had not registered yet (a kill right after its report)", choice)
+                if checkpoint.position(choice)[1] != math.inf:
+                    self._unregistered = choice
+        return sync.all_gather_object(choice)[0]
+
+    def _restore(self, directory_url: str) -> None:
+        with ray.train.Checkpoint(directory_url).as_directory() as directory:
+            restored = checkpoint.load(directory, self.engine, self.world, self.rank, self.index)
         if tuple(restored.classes) != self.spec.classes:
             raise checkpoint.CheckpointError(f"the checkpoint's classes {restored.classes} differ from the shard set's {list(self.spec.classes)}")
-        self.table, self.first_epoch = restored.table, restored.epoch + 1
+        self.table = restored.table
+        self.first_epoch, self.start_step = restored.next_position
+        self.partial = restored.partial
+        if self.partial is not None:
+            # DeepSpeed restored rank 0's module on every rank; mid-epoch each rank's BatchNorm statistics are its own.
+            with torch.no_grad():
+                for name, buffer in self.engine.module.named_buffers():
+                    buffer.copy_(self.partial["buffers"][name])
         self.resumed_from = {"epoch": restored.epoch, "table_digest": restored.table.digest()}
-        log.info("resumed after epoch %d with a relabel table of %d entries", restored.epoch, len(restored.table))
+        if restored.step is not None:
+            self.resumed_from["step"] = restored.step
+        log.info("resumed at epoch %d step %d with a relabel table of %d entries", self.first_epoch, self.start_step, len(restored.table))
 
-    def _loader(self, shard_set: ShardSet, train: bool, epoch: int) -> torch.utils.data.DataLoader:
+    def _loader(self, shard_set: ShardSet, train: bool, epoch: int, start_batch: int = 0) -> torch.utils.data.DataLoader:
         return shard_loader(
             shard_set,
             train=train,
@@ -364,6 +451,7 @@ class Worker:
             labels=self.balance_labels() if train and self.cfg.balanced_sampler else None,
             shuffle_buffer=self.cfg.reader.shuffle_buffer,
             interleave=self.cfg.reader.interleave,
+            start_batch=start_batch,
         )
 
     def balance_labels(self) -> np.ndarray:
@@ -389,25 +477,36 @@ class Worker:
             return out, parts, None
         return out, parts, propose_relabels(keys, labels, out, epoch, self.cfg.scn, ranked, offset)
 
-    def train_epoch(self, epoch: int, tracker: tracking.RunTracker | None = None) -> tuple[EpochStats, sync.EpochSamples]:
-        """Train one epoch; returns this rank's sums and its record of the samples it trained (alpha, proposals).
+    def train_epoch(
+        self, epoch: int, tracker: tracking.RunTracker | None = None, start_step: int = 0, partial: dict | None = None,
+    ) -> tuple[EpochStats, sync.EpochSamples]:
+        """Train one epoch, or its steps after `start_step` with this rank's `partial` state from a mid-epoch
+        checkpoint; returns this rank's sums and its record of the samples it trained (alpha, proposals).
 
         Sums, alpha and proposals stay on the device: the loop reads the sums back every
-        `log_every_steps` steps and at the end, and waits for the device nowhere else. Those
-        reads feed the progress display and `tracker` (rank 0's, None elsewhere).
+        `log_every_steps` steps, at mid-epoch checkpoints and at the end, and waits for the device
+        nowhere else. Those reads feed the progress display and `tracker` (rank 0's, None elsewhere).
         """
         torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
-        schedule_epoch(self.engine.optimizer, self.cfg, epoch)
+        schedule_epoch(self.engine.optimizer, self.cfg, epoch, resumed=start_step > 0)
         self.engine.train()
-        loader = self._loader(self.train_set, True, epoch)
+        loader = self._loader(self.train_set, True, epoch, start_step)
         # Whole accumulation cycles only: a partial cycle's gradients would leak into the next
         # epoch, and be lost on resume.
         steps = len(loader.dataset) // self.cfg.grad_accum * self.cfg.grad_accum
-        stats, samples, sums = EpochStats(), sync.EpochSamples(epoch), metrics.RunningSums(self.device)
-        shown = progress.EpochProgress(progress.mode(self.spec.progress, self.spec.terminal, self.rank), epoch, steps)
-        meter = tracking.StepMeter(lr_at(self.cfg, epoch), self.world)
+        lr = lr_at(self.cfg, epoch)
+        if partial is None:
+            state = EpochState.start(epoch, lr, self.world, self.device)
+        else:
+            state = EpochState.from_partial(partial, epoch, lr, self.world, self.device)
+        stats, samples, sums, meter = state.stats, state.samples, state.sums, state.meter
+        shown = progress.EpochProgress(progress.mode(self.spec.progress, self.spec.terminal, self.rank), epoch, steps, start_step)
+        batches = iter(loader)  # the loader draws its workers' seed from torch here, resumed or not
+        if partial is not None:
+            restore_random(partial, self.device)
+        every = self.cfg.checkpoint_every_steps
         tick = time.perf_counter()
-        for step, batch in enumerate(islice(loader, steps), start=1):
+        for step, batch in enumerate(islice(batches, steps - start_step), start=start_step + 1):
             loaded = time.perf_counter()
             stats.data_time += loaded - tick
             keys = list(batch["key"])
@@ -428,11 +527,13 @@ class Worker:
                 shown.report(step, running["loss"] / stats.samples, running["alpha"] / stats.samples, scalars["step/images_per_s"])
                 if tracker is not None:
                     tracker.log_interval(step, scalars)
-            if self.fault is not None:
+            stats.compute_time += time.perf_counter() - loaded
+            if every and step % every == 0 and step < steps:  # the last step is followed by the epoch's own
+                self.save_and_report(epoch, None, step, state.to_partial(self.engine.module, self.device))
+            if self.fault is not None and step < steps:  # after the last, once the epoch's checkpoint is saved
                 self.fault.check(epoch, step, self.rank, self.spec.run_dir)
             shown.advance()
             tick = time.perf_counter()
-            stats.compute_time += tick - loaded
         shown.close()
         tick = time.perf_counter()
         totals = sums.read()  # waits for the device to finish the epoch's last steps: compute time
@@ -500,47 +601,64 @@ class Worker:
             line["resumed_from"] = self.resumed_from
         return line
 
-    def save_and_report(self, epoch: int, line: dict | None) -> None:
-        """Every rank writes its part of the checkpoint and reports it; Ray merges the parts into one directory.
+    def save_and_report(self, epoch: int, line: dict | None, step: int | None = None, partial: dict | None = None) -> None:
+        """Every rank writes its part of the checkpoint (after epoch `epoch`, or after `step` of its steps
+        with this rank's `partial` state) and reports it; Ray merges the parts into one directory.
 
         Each rank's report returns once its files are copied into the run; after the last rank's,
         rank 0 marks the directory complete (checkpoint.mark_complete), the mark that
-        `latest_checkpoint` (a new start's checks, evaluate, reports) requires of a checkpoint.
+        `latest_checkpoint` (a resume, a new start's checks, evaluate, reports) requires of a
+        checkpoint, and every rank waits for the mark: a kill from then on resumes from it.
         """
         directory = tempfile.mkdtemp(prefix=f"scn-ckpt-e{epoch}-r{self.rank}-")
+        if step is not None:
+            reported = {"epoch": epoch, "step": step, "checkpoint_score": MID_EPOCH_SCORE}
+        elif line is None:  # ranks other than 0: Ray reads rank 0's metrics
+            reported = {"epoch": epoch}
+        else:
+            reported = {**{k: line[k] for k in REPORTED if k in line}, "checkpoint_score": line["val_accuracy"]}
         try:
             checkpoint.save(
                 directory, self.engine, epoch=epoch, table=self.table, cfg=self.cfg, classes=self.spec.classes,
-                rank=self.rank, world_size=self.world,
+                rank=self.rank, world_size=self.world, step=step, partial=partial,
             )
             ray.train.report(
-                {"epoch": epoch} if line is None else {k: line[k] for k in REPORTED if k in line},
+                reported,
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=checkpoint.checkpoint_dir_name(epoch),
+                checkpoint_dir_name=checkpoint.checkpoint_dir_name(epoch, step),
             )
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         sync.barrier()
         if self.rank == 0:
-            checkpoint.mark_complete(join(self.spec.run_dir, checkpoint.checkpoint_dir_name(epoch)))
+            checkpoint.mark_complete(join(self.spec.run_dir, checkpoint.checkpoint_dir_name(epoch, step)))
+            if self._unregistered is not None:  # superseded now: nothing would ever remove it
+                checkpoint.remove(self._unregistered)
+                self._unregistered = None
+        sync.barrier()
 
     def run(self) -> None:
         metrics_file = checkpoint.MetricsFile(self.spec.run_dir, self.first_epoch) if self.rank == 0 else None
         tracker = None
         if self.rank == 0:
-            tracker = tracking.open_tracker(self.cfg, self.spec.run_dir, metrics_file.lines, self.first_epoch)
+            tracker = tracking.open_tracker(self.cfg, self.spec.run_dir, metrics_file.lines, self.first_epoch, self.start_step)
         finished = False
         try:
             for epoch in range(self.first_epoch, self.cfg.epochs + 1):
-                self.run_epoch(epoch, metrics_file, tracker)
+                resumed = epoch == self.first_epoch
+                self.run_epoch(epoch, metrics_file, tracker, self.start_step if resumed else 0, self.partial if resumed else None)
             finished = True
         finally:
             if tracker is not None:
                 tracker.close(finished)
 
-    def run_epoch(self, epoch: int, metrics_file: checkpoint.MetricsFile | None, tracker: tracking.RunTracker | None) -> None:
-        """Train, merge the relabels, validate, record (rank 0: `metrics_file`, `tracker`) and checkpoint one epoch."""
-        stats, samples = self.train_epoch(epoch, tracker)
+    def run_epoch(
+        self, epoch: int, metrics_file: checkpoint.MetricsFile | None, tracker: tracking.RunTracker | None,
+        start_step: int = 0, partial: dict | None = None,
+    ) -> None:
+        """Train (from `start_step`, with `partial`: a mid-epoch resume), merge the relabels, validate, record
+        (rank 0: `metrics_file`, `tracker`) and checkpoint one epoch."""
+        stats, samples = self.train_epoch(epoch, tracker, start_step, partial)
         end = sync.end_epoch(self.table, samples, self.labels.noisy, self.cfg.scn.relabel_confirm)
         # Per-sample alpha (for galleries and audits) goes from each rank to its own file, never through rank 0.
         metrics.write_alpha_part(self.spec.run_dir, epoch, self.rank, self.index.keys_at(end.rows), end.sample_alpha)
@@ -562,6 +680,8 @@ class Worker:
                 line["relabels_total"], line["images_per_s"],
             )
         self.save_and_report(epoch, line)
+        if self.fault is not None:
+            self.fault.check(epoch, stats.steps, self.rank, self.spec.run_dir)
 
 
 class _QuietRayTrain(logging.Filter):

@@ -222,6 +222,27 @@ class EpochSamples:
             p = proposals
             self._proposals.append((p.fire, p.old_label.to(torch.int16), p.new_label.to(torch.int16), p.margin))
 
+    def state_dict(self) -> dict[str, Tensor | int]:
+        """Everything recorded so far as host tensors (one copy back from the device): a mid-epoch checkpoint's part."""
+        rows = torch.from_numpy(np.concatenate(self._rows)) if self._rows else torch.empty(0, dtype=torch.int64)
+        alpha = torch.cat(self._alpha).cpu() if self._alpha else torch.empty(0)
+        state: dict[str, Tensor | int] = {"epoch": self.epoch, "rows": rows, "alpha": alpha}
+        if self._proposals:
+            fire, old, new, margin = (torch.cat(column).cpu() for column in zip(*self._proposals))
+            state.update(proposal_rows=torch.from_numpy(np.concatenate(self._proposal_rows)), fire=fire, old=old, new=new, margin=margin)
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> EpochSamples:
+        """The record `state_dict` gave, on `device`, to go on adding to."""
+        samples = cls(int(state["epoch"]))
+        if len(state["rows"]):
+            samples._rows, samples._alpha = [state["rows"].numpy()], [state["alpha"].to(device)]
+        if "fire" in state:
+            samples._proposal_rows = [state["proposal_rows"].numpy()]
+            samples._proposals = [tuple(state[k].to(device) for k in ("fire", "old", "new", "margin"))]
+        return samples
+
     def last_visits(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, alpha) of every sample trained this epoch, each once: its alpha at its last visit."""
         if not self._rows:

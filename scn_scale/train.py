@@ -127,13 +127,14 @@ def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
 
 
 def checkpoint_config(cfg: TrainConfig) -> CheckpointConfig:
-    """Ray Train keeps the latest checkpoint and the `keep_checkpoints` best by val_accuracy (0: every one).
+    """Ray Train keeps the latest checkpoint and the `keep_checkpoints` best by val_accuracy (0: every one),
+    through the reported `checkpoint_score`: an epoch's val_accuracy, below any for a mid-epoch checkpoint.
 
     Ray records the run's checkpoints and refuses to resume a run whose record names a
     deleted one, so retention is left to it rather than done beside it. What it can express
     is "the k best, and always the latest" (ranked by rank 0's reported metrics), not "the last k".
     """
-    return CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None, checkpoint_score_attribute="val_accuracy",
+    return CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None, checkpoint_score_attribute="checkpoint_score",
                             checkpoint_score_order="max")
 
 

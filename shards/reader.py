@@ -26,6 +26,7 @@ skipped before any decoder sees it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -41,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 import webdataset as wds
 from PIL import Image
 from webdataset.filters import default_collation_fn
@@ -217,6 +219,12 @@ def _image_of(sample: Mapping[str, Any]) -> bytes:
     raise KeyError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
 
 
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts` (e.g. seed, epoch, rank), the same in every process: Python's hash() is not."""
+    text = ":".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % 2**63
+
+
 class _Skips:
     """What one loader worker dropped as unreadable in one epoch, each thing counted once.
 
@@ -260,7 +268,9 @@ class ShardStream(IterableDataset):
     evaluation leaves both at 1 and 0 and reads each piece in order. `balanced` draws every
     class equally often by the label training uses: `labels` (that of each manifest row, e.g.
     after a relabel table, which changes between epochs: pass the current one each epoch), else
-    the manifest's labels with `overrides`.
+    the manifest's labels with `overrides`. `start_batch` resumes the epoch there: the rank's
+    first `start_batch` batches are passed over, and every later one is the batch an
+    uninterrupted epoch would give (`__iter__`).
     """
 
     def __init__(
@@ -280,8 +290,10 @@ class ShardStream(IterableDataset):
         balanced: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         labels: np.ndarray | None = None,
+        start_batch: int = 0,
     ) -> None:
         self.shard_set = shard_set
+        self.start_batch = start_batch
         self.max_pixels = max_pixels
         self.rank, self.world_size = rank, world_size
         self.loader_workers = loader_workers  # 0: read in the training process itself
@@ -426,29 +438,66 @@ class ShardStream(IterableDataset):
         image_size(data, self.max_pixels)  # raises over the cap: skipped and counted, never decoded
         return {"image": self.transform(self.decode(data)), "label": label, "key": key, "row": raw["__row__"]}
 
+    def _check(self, raw: Mapping[str, Any]) -> None:
+        """What `_decode` would refuse, without the transform: how a passed-over batch finds the samples
+        it would have dropped, so that the batches after it hold the same samples."""
+        if not 0 <= int(raw["cls"]) < len(self.shard_set.classes):
+            raise ValueError(f"class index {raw['cls']} is outside the set's {len(self.shard_set.classes)} classes")
+        data = _image_of(raw)
+        image_size(data, self.max_pixels)
+        self.decode(data)
+
+    def _reader(self) -> int:
+        """Which of the rank's planned readers this loader worker is. The loader takes its batches from
+        its workers in turn, starting with worker 0, and an uninterrupted epoch's batch i comes from
+        reader i % readers; so a loader resumed at `start_batch` starts with that batch's reader."""
+        return (self._worker() + self.start_batch) % self.readers
+
+    def _passed_over(self, reader: int) -> int:
+        """How many of this reader's batches come before the rank's `start_batch`."""
+        return len(range(reader, self.start_batch, self.readers))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """This worker's batches of the epoch, from the rank's `start_batch` on (a resume mid-epoch).
+
+        Each batch's augmentation draws from a torch seed of its own, (seed, epoch, rank, worker,
+        batch), inside `torch.random.fork_rng`, so the training process's generator (dropout) is not
+        touched when the loader runs in it, and a batch is the same whether the batches before it
+        were augmented or passed over. Passing over reads, shuffles, draws and decodes as training
+        would (the shuffle and the balanced draw depend on what came before; a sample that fails
+        to decode is left out of its batch), but neither augments nor collates.
+        """
         plan = self.plan()
-        worker = self._worker()
+        worker = self._reader()
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         skips = _Skips()
-        batch: list[dict[str, Any]] = []
-        produced = 0
-        for raw in self._raw_samples(plan.assignments[self.rank][worker], skips, rng):
+        raws = self._raw_samples(plan.assignments[self.rank][worker], skips, rng)
+        passed_over = self._passed_over(worker)
+        for produced in range(plan.batches_per_worker):
+            if produced < passed_over:
+                self._fill(raws, rng, skips, self._check)
+                if produced + 1 == passed_over:
+                    skips.take()  # counted by the attempt that trained those batches
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, self.epoch, self.rank, worker, produced))
+                batch = self._fill(raws, rng, skips, self._decode)
+            out = default_collation_fn(batch, combine_scalars=True)
+            out["skipped"] = skips.take()
+            yield out
+
+    def _fill(self, raws: Iterator[dict[str, Any]], rng: random.Random, skips: _Skips, decode: Callable[[Mapping[str, Any]], Any]) -> list:
+        """One batch: `decode` of the next `batch_size` samples the balanced draw keeps and that decode."""
+        batch: list = []
+        while len(batch) < self.batch_size:
+            raw = next(raws)
             if not self._keep(raw, rng):
                 continue
             try:
-                batch.append(self._decode(raw))
+                batch.append(decode(raw))
             except Exception as exc:  # a corrupt sample costs itself, not the run
                 skips.add(raw["__key__"], f"skipping sample {raw['__key__']} from {raw.get('__url__')}: {exc}")
-                continue
-            if len(batch) == self.batch_size:
-                out = default_collation_fn(batch, combine_scalars=True)
-                out["skipped"] = skips.take()
-                yield out
-                batch = []
-                produced += 1
-                if produced == plan.batches_per_worker:
-                    return
+        return batch
 
 
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:

@@ -142,8 +142,9 @@ def test_bf16_keeps_batchnorm_statistics_in_fp32_tracking_an_fp32_run(one_rank, 
         if not value.is_floating_point():
             assert torch.equal(value, fp32[name]), name  # batches counted
             continue
-        worst = float(((value - fp32[name]).abs() / (fp32[name].abs() + 0.05)).max())
-        assert value.dtype == torch.float32 and worst < 0.06, (name, worst)  # bf16 activations: 8 bits of mantissa
+        # Relative to the statistic's size: at most 0.016 measured (layer4), from bf16 activations' 8-bit mantissa.
+        off = float((value - fp32[name]).norm() / fp32[name].norm())
+        assert value.dtype == torch.float32 and off < 0.03, (name, off)
         assert not torch.equal(value, value.bfloat16().float()), name  # it holds what bf16 cannot
     cfg = runs["bf16"]
     checkpoint.save(str(tmp_path), engines["bf16"], epoch=1, table=RelabelTable(), cfg=cfg, classes=CLASSES, rank=0, world_size=1)
@@ -260,3 +261,50 @@ def test_only_complete_checkpoints_are_picked(saved, tmp_path: Path) -> None:
     assert checkpoint.latest_checkpoint(str(run)) == str(legacy)
     assert checkpoint.latest_checkpoint(str(tmp_path / "nothing-here")) is None
 
+
+
+def test_a_mid_epoch_checkpoint_holds_each_ranks_epoch_state_and_sorts_inside_its_epoch(saved, tmp_path: Path) -> None:
+    cfg, engine, table, _, at_save = saved
+    directory = tmp_path / checkpoint.checkpoint_dir_name(4, step=6)
+    partial = {"stats": {"samples": 24, "loss": 1.5}, "sums": torch.arange(6, dtype=torch.float64),
+               "random": torch.get_rng_state(), "device_random": None}
+    checkpoint.save(str(directory), engine, epoch=4, step=6, partial=partial, table=table, cfg=cfg, classes=CLASSES,
+                    rank=0, world_size=1)
+    assert not (directory / checkpoint.MODEL_FILE).exists()  # no validated model mid-epoch
+    other = _engine(dataclasses.replace(cfg, seed=1))
+    restored = checkpoint.load(str(directory), other, world_size=1)  # the partial file loads with weights_only=True
+    assert (restored.epoch, restored.step, restored.next_position) == (4, 6, (4, 6))
+    assert restored.partial["stats"] == partial["stats"] and torch.equal(restored.partial["sums"], partial["sums"])
+    assert all(torch.equal(at_save[k], v) for k, v in _params(other).items())
+    state = json.loads((directory / checkpoint.STATE_FILE).read_text())
+    (directory / checkpoint.STATE_FILE).write_text(json.dumps({**state, "world_size": 2, "zero_stage": 0}))
+    with pytest.raises(checkpoint.CheckpointError, match="written mid-epoch by 2 ranks.*num_workers=2"):
+        checkpoint.load(str(directory), other, world_size=1)
+
+    names = [checkpoint.checkpoint_dir_name(*p) for p in ((4, None), (3, None), (4, 2), (3, 12), (10, 1))]
+    assert sorted(names, key=checkpoint.position) == [
+        "checkpoint_epoch_0003_step_000012", "checkpoint_epoch_0003", "checkpoint_epoch_0004_step_000002",
+        "checkpoint_epoch_0004", "checkpoint_epoch_0010_step_000001"]
+    assert checkpoint.position("checkpoint_epoch_0004.tmp") is None
+
+
+def test_a_resume_starts_from_the_latest_complete_checkpoint_and_clears_what_came_after(saved, tmp_path: Path) -> None:
+    """Latest complete of any kind; Ray's registered one counts as complete (Ray took in every rank's report,
+    so its files were copied); a later half-copied directory is removed, an earlier one is left."""
+    _, _, _, directory, _ = saved
+    run = tmp_path / "run"
+    names = {p: checkpoint.checkpoint_dir_name(*p) for p in ((2, None), (3, 4), (3, None), (4, 2))}
+    for name in names.values():
+        shutil.copytree(directory, run / name)
+    checkpoint.mark_complete(str(run / names[2, None]))
+    checkpoint.mark_complete(str(run / names[3, 4]))
+    # (3, None) has every file but no mark: Ray registered it, the kill came before rank 0 marked it.
+    (run / names[4, 2] / checkpoint.MODEL_FILE).write_bytes(b"cut")  # half copied
+    assert checkpoint.latest_checkpoint(str(run), mid_epoch=True) == str(run / names[3, 4])
+    assert checkpoint.latest_checkpoint(str(run)) == str(run / names[2, None])
+
+    assert checkpoint.resume_point(str(run), registered=names[3, None]) == str(run / names[3, None])
+    assert checkpoint.is_complete(str(run / names[3, None]))
+    assert sorted(p.name for p in run.iterdir()) == sorted(names[p] for p in ((2, None), (3, 4), (3, None)))
+    assert checkpoint.resume_point(str(run), registered=names[2, None]) == str(run / names[3, None])  # the run's own is newer
+    assert checkpoint.resume_point(str(tmp_path / "new"), registered=None) is None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 
 from shards import (
@@ -425,3 +426,34 @@ def test_balanced_stream_weighs_the_label_training_uses(tmp_path: Path, rng: np.
     share = relabeled[rows].mean()
     assert 0.38 < share < 0.62, share  # by the shards' labels (or none) about 0.15
 
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_a_stream_resumed_mid_epoch_gives_the_rest_of_the_epoch_exactly(tmp_path: Path, loader_workers: int) -> None:
+    """start_batch=k: batches k.. of the uninterrupted epoch, images included (the training augmentation
+    is random), each sample once; a corrupt sample among the passed-over ones leaves the same gap; the
+    training process's own generator advances the same (only the DataLoader's seed draw touches it)."""
+    from scn_scale.data import decode_rgb, train_transform
+
+    keys = write_shard_set(tmp_path, [7, 5, 9, 6, 8, 5])
+    _rewrite_tar(tmp_path / "shard-000000.tar", replace={f"{keys[1]}.jpg": b"not a jpeg"})
+    shard_set = open_shard_set(str(tmp_path))
+
+    def batches(start: int) -> list[dict]:
+        stream = ShardStream(shard_set, rank=1, world_size=2, loader_workers=loader_workers, batch_size=3,
+                             transform=train_transform(16), decode=decode_rgb, seed=5, shuffle_buffer=6,
+                             interleave=2, balanced=True, start_batch=start)
+        stream.set_epoch(3)
+        return list(make_loader(stream))
+
+    torch.manual_seed(0)
+    whole = batches(0)
+    after_whole = torch.get_rng_state()
+    torch.manual_seed(0)
+    resumed = batches(3)
+    assert torch.equal(torch.get_rng_state(), after_whole)  # augmenting more or fewer batches drew nothing from it
+    assert len(whole) >= 5 and len(resumed) == len(whole) - 3
+    for got, want in zip(resumed, whole[3:]):
+        assert list(got["key"]) == list(want["key"]) and torch.equal(got["image"], want["image"])
+        assert torch.equal(got["label"], want["label"])
+    assert not any(torch.equal(a["image"], b["image"]) for a, b in zip(whole, whole[1:]))  # augmented

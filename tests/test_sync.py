@@ -246,3 +246,31 @@ def test_each_rank_writes_its_own_alpha_part(epoch_ends: tuple[Path, list[dict]]
         assert part["key"] == [f"s{i:06d}" for i in range(rank, WORLD * n, WORLD)]
         assert np.allclose(part["alpha"], _sample_alpha(rank, n).numpy())
     assert pq.read_table(epoch_dir).num_rows == WORLD * n  # the directory reads as one table
+
+
+def test_an_epochs_record_saved_mid_way_goes_on_as_if_never_saved() -> None:
+    """EpochSamples.state_dict / from_state (a mid-epoch checkpoint): the resumed record ends with the same
+    last visits and proposals as the uninterrupted one, revisits across the cut included."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(6):
+        rows = torch.randint(0, 20, (4,), generator=g).numpy()
+        margin = torch.rand(4, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 5, (4,), generator=g)
+        batches.append((rows, torch.rand(4, generator=g), BatchProposals([str(r) for r in rows], 3, margin > 0.5, labels, (labels + 1) % 5, margin)))
+    whole = sync.EpochSamples(3)
+    first = sync.EpochSamples(3)
+    for i, (rows, alpha, proposals) in enumerate(batches):
+        whole.add(rows, alpha, proposals)
+        if i < 3:
+            first.add(rows, alpha, proposals)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    resumed = sync.EpochSamples.from_state(state, torch.device("cpu"))
+    for rows, alpha, proposals in batches[3:]:
+        resumed.add(rows, alpha, proposals)
+    for got, want in zip(resumed.last_visits(), whole.last_visits()):
+        assert np.array_equal(got, want)
+    got, want = resumed.proposals(), whole.proposals()
+    assert len(want) > 0 and all(torch.equal(a, b) for a, b in zip(
+        (got.rows, got.old_label, got.new_label, got.margin), (want.rows, want.old_label, want.new_label, want.margin)))
+    assert sync.EpochSamples.from_state(sync.EpochSamples(1).state_dict(), torch.device("cpu")).last_visits()[0].size == 0
