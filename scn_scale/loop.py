@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterable, Iterator, Sequence
@@ -704,6 +705,10 @@ def _configure_logging(level: int | None, rank: int) -> None:
     if level > logging.DEBUG:
         for handler in (*logging.getLogger().handlers, *logging.getLogger("ray.train").handlers):
             handler.addFilter(_QuietRayTrain())
+        # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.14 deprecates: once per
+        # process, at a moment that varies, a warning no user of this trainer can act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                                category=FutureWarning)
     if rank != 0:
         return
     logger = logging.getLogger("scn_scale")
