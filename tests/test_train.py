@@ -28,7 +28,7 @@ from scn_scale import checkpoint, report, tracking
 from scn_scale.config import ConfigError, SCNConfig, TrainConfig, load_config
 from scn_scale.evaluate import EvalConfig, evaluate
 from scn_scale.faults import MARKER_NAME
-from scn_scale.loop import deepspeed_config, training_loss
+from scn_scale.loop import MID_EPOCH_SCORE, deepspeed_config, training_loss
 from scn_scale.loss import scn_loss
 from scn_scale.model import SCNModel
 from scn_scale.noise import make_noise, save_overrides
@@ -260,9 +260,11 @@ def test_scn_warm_up_is_cross_entropy_then_scn_and_relabels_after_it() -> None:
 
 
 def test_retention_is_rays_k_best_by_val_accuracy_and_the_latest() -> None:
+    """Ranked by the reported checkpoint_score: an epoch's val_accuracy, below any for a mid-epoch checkpoint."""
     config = checkpoint_config(TrainConfig(keep_checkpoints=2))
     assert (config.num_to_keep, config.checkpoint_score_attribute, config.checkpoint_score_order) == (
-        2, "val_accuracy", "max")
+        2, "checkpoint_score", "max")
+    assert MID_EPOCH_SCORE < 0.0
     assert checkpoint_config(TrainConfig(keep_checkpoints=0)).num_to_keep is None  # keep all
 
 
