@@ -34,6 +34,7 @@ from crawler.providers import OwnsQueries, Provider, ProviderError, get_provider
 from crawler.providers.base import DEFAULT_MAX_BYTES
 from crawler.queries import Query, load_queries
 from shards.classes import CANONICAL
+from shards.fs import exists
 
 if TYPE_CHECKING:
     import aiohttp
@@ -145,8 +146,8 @@ def discover(
 
     `queries=None` runs the provider's own queries (a URL list's) or else the built-in taxonomy.
     """
-    out = Path(out_path)
-    if out.exists() and not force:
+    out = str(out_path)
+    if exists(out) and not force:
         logger.info("reusing candidates %s (discovery not repeated)", out)
         return summarize(read_candidates(out), out, resumed=True)
     provider = cfg.build_provider()

@@ -41,7 +41,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def join(root: str, name: str) -> str:
-    return f"{root}/{name}" if root else name
+    return f"{root.rstrip('/')}/{name}" if root else name
 
 
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
