@@ -9,8 +9,11 @@ installed, is one error naming it in every command, never a local folder named a
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Sequence
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import fsspec
 
@@ -94,6 +97,34 @@ def read_parquet(url: str, columns: Sequence[str] | None = None) -> "pyarrow.Tab
     fs, path = open_fs(url)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=list(columns) if columns is not None else None)
+
+
+@contextlib.contextmanager
+def local_dir(url: str) -> Iterator[Path]:
+    """A local directory standing for the output directory `url`: `url` itself on this machine; for an
+    object store, a temporary one whose files are uploaded under `url` when the block succeeds.
+
+    For outputs a command writes whole at its end from one process (reports, whose HTML page reads
+    its PNGs back to inline them; an exported model): their writers want files. Files are uploaded
+    one whole object each, in the order they were written, so a page comes after its pictures;
+    nothing is uploaded when the block fails.
+    """
+    fs, path = open_fs(url)
+    if is_local(fs):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix=".staged-") as tmp:
+        yield Path(tmp)
+        upload(Path(tmp), url)
+
+
+def upload(local: Path, url: str) -> None:
+    """Copy the files under the local directory `local` to `url`, each whole, in the order they were
+    written (a set's stats.json, a report's page last); hidden files (locks, temporaries) stay."""
+    fs, path = open_fs(url)
+    files = [p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    for file in sorted(files, key=lambda p: p.stat().st_mtime_ns):
+        fs.put_file(str(file), join(path, file.relative_to(local).as_posix()))
 
 
 def remove(url: str) -> None:

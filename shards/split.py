@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from shards.atomic import write_json
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
-from shards.fs import UnknownScheme, exists, is_file, is_local, join, open_fs
+from shards.fs import UnknownScheme, exists, is_file, is_local, join, open_fs, upload
 from shards.lock import OutputLock, OutputLocked
 from shards.manifest import read_manifest
 from shards.phash import BandIndex, hashes
@@ -50,7 +50,7 @@ from shards.pixels import image_size
 from shards.reader import ShardSet, ShardSetError, open_shard_set
 from shards.sample import IMAGE_EXTENSIONS, Sample
 from shards.tario import iter_members, leading_sample, members_at
-from shards.writer import STATS_NAME, ShardWriter
+from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +302,8 @@ def _publish(staged: Path, out: str) -> None:
     fs, path = open_fs(out)
     if is_local(fs):
         os.rename(staged, path)
-        return
-    files = sorted((p for p in staged.iterdir() if not p.name.startswith(".")), key=lambda p: p.name == STATS_NAME)
-    for file in files:  # the writer's lock file (hidden) stays behind
-        fs.put_file(str(file), join(path, file.name))
+    else:
+        upload(staged, out)
 
 
 def _write_split(name: str, rows: Iterator[dict[str, Any]], places: Sequence[int], urls: dict[str, str],
