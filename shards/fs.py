@@ -52,25 +52,33 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def exists(url: str) -> bool:
+def _fresh(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`open_fs`, with what the file system remembers of `url`'s listing forgotten: s3fs and gcsfs cache
+    listings, and a resume or a lock must see what another process or node wrote since."""
     fs, path = open_fs(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    fs, path = _fresh(url)
     return fs.exists(path)
 
 
 def is_file(url: str) -> bool:
-    fs, path = open_fs(url)
+    fs, path = _fresh(url)
     return fs.isfile(path)
 
 
 def is_dir(url: str) -> bool:
     """A directory, or on an object store a prefix that holds objects."""
-    fs, path = open_fs(url)
+    fs, path = _fresh(url)
     return fs.isdir(path)
 
 
 def names(url: str, pattern: str = "*") -> list[str]:
     """The sorted names (not paths) in directory `url` matching the glob `pattern`; none for a missing directory."""
-    fs, path = open_fs(url)
+    fs, path = _fresh(url)
     return sorted(p.rsplit("/", 1)[-1] for p in fs.glob(join(path, pattern)))
 
 
