@@ -42,7 +42,7 @@ from scn_scale.relabel_table import RelabelTable
 from scn_scale.report_html import write_html
 from shards.atomic import write_bytes, write_text
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
-from shards.fs import join, local_dir, open_fs
+from shards.fs import join, local_dir, open_fs, read_parquet
 from shards.manifest import read_manifest
 
 REPORT_MD = "report.md"
@@ -300,7 +300,7 @@ def _training_labels(train_shards: str, label_overrides: str, keys: Sequence[str
     labels = dict(zip(rows["key"], rows["label"]))
     truth = None
     if label_overrides:
-        if "true_label" in pq.read_schema(label_overrides).names:
+        if "true_label" in read_parquet(label_overrides).column_names:
             truth = {**labels, **{k: v for k, v in load_ground_truth(label_overrides).items() if k in labels}}
         labels.update((k, v) for k, v in load_overrides(label_overrides).items() if k in labels)
     return labels, truth
