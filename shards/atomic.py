@@ -3,7 +3,7 @@
 Everything the project persists (shards, manifests, stats, relabel tables, reports,
 checkpoints) goes through these helpers so that "the file exists" always means
 "the file is complete". A destination may be an object-store URL (`shards.fs`): the
-bytes are then written to a local temporary file and uploaded in one PUT when complete;
+bytes are then written to a local temporary file and uploaded when complete;
 an object store shows an object only once its upload completed, so the same holds there.
 """
 
@@ -60,7 +60,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _uploaded(fs: Any, path: str) -> Iterator[Path]:
-    """A local temporary file, uploaded to `path` on `fs` if the block succeeds (one PUT: never half an object)."""
+    """A local temporary file, uploaded to `path` on `fs` if the block succeeds (a store shows no half-uploaded object)."""
     with tempfile.TemporaryDirectory(prefix=".upload-") as tmp_dir:
         tmp = Path(tmp_dir) / path.rsplit("/", 1)[-1]
         yield tmp
