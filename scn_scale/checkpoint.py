@@ -46,6 +46,7 @@ from shards.atomic import remove_temp_files as remove_local_temp_files
 from shards.atomic import write_json
 from shards.atomic import write_text as write_local_text
 from shards.fs import join, open_fs
+from shards.fs import remove as fs_remove
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -166,14 +167,8 @@ def resume_point(run: str, registered: str | None) -> str | None:
     after = position(chosen) if chosen is not None else (0, -1)
     for directory in checkpoints(run):
         if position(directory) > after:
-            remove(directory)
+            fs_remove(directory, recursive=True)
     return chosen
-
-
-def remove(directory: str) -> None:
-    """Delete a checkpoint directory (local path or URL) and everything in it."""
-    fs, path = open_fs(directory)
-    fs.rm(path, recursive=True)
 
 
 def is_complete(directory: str) -> bool:

@@ -61,7 +61,7 @@ from scn_scale.relabel import BatchProposals, propose_relabels
 from scn_scale.relabel_table import ManifestIndex, RelabelTable
 from scn_scale.weights import load_weights
 from shards import ShardSet, open_shard_set, read_manifest
-from shards.fs import join
+from shards.fs import join, remove
 from shards.reader import derive_seed
 
 log = logging.getLogger(__name__)
@@ -634,7 +634,7 @@ class Worker:
         if self.rank == 0:
             checkpoint.mark_complete(join(self.spec.run_dir, checkpoint.checkpoint_dir_name(epoch, step)))
             if self._unregistered is not None:  # superseded now: nothing would ever remove it
-                checkpoint.remove(self._unregistered)
+                remove(self._unregistered, recursive=True)
                 self._unregistered = None
         sync.barrier()
 

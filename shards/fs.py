@@ -135,6 +135,7 @@ def upload(local: Path, url: str) -> None:
         fs.put_file(str(file), join(path, file.relative_to(local).as_posix()))
 
 
-def remove(url: str) -> None:
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file, or with `recursive` a directory (a prefix on an object store) and all it holds."""
     fs, path = open_fs(url)
-    fs.rm(path)
+    fs.rm(path, recursive=recursive)
