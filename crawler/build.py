@@ -5,6 +5,9 @@
     python -m crawler.build --provider localweb --api-base http://127.0.0.1:8000 \\
         --allow-host 127.0.0.1:8000 --out runs/demo --resume --ray-address auto
 
+OUT is a directory or an object-store URL (s3://bucket/crawl, gs://...; `shards.fs`): the
+crawl's state lives there too, so `--resume` continues a crawl killed on any machine.
+
 Stages and files, in OUT:
 1. discovery (`crawler.discover`) writes `candidates.parquet` first (reused on resume);
 2. candidates are cut into work shards of `work_shard_size`; `work/plan.json` records
@@ -46,7 +49,6 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from crawler.distribute import DistributeConfig, open_runner
@@ -74,6 +76,7 @@ from shards.cli import (
     parse_yaml,
     read_yaml,
 )
+from shards.fs import exists, is_dir, is_file, join, names, open_fs, read_json, read_parquet
 from shards.lock import OutputLock, OutputLocked
 
 # Other `shards` modules are imported inside the functions that use them: the writer and reader load
@@ -169,23 +172,24 @@ class CrawlConfig:
 
                 load_queries(self.queries)
             self.discover_config().build_provider()  # reads and checks a URL list, checks provider settings
-            out = Path(self.out)
-            if out.exists() and not out.is_dir():
+            out = self.out
+            if is_file(out):
                 raise ValueError(f"--out {out} exists and is not a directory")
-            if not self.resume and out.is_dir() and _holds_crawl(out):
+            if not self.resume and is_dir(out) and _holds_crawl(out):
                 raise ValueError(f"{out} already holds a crawl: pass --resume to continue it, or choose an empty --out")
         except (ValueError, ImportError, OSError) as exc:
             raise CrawlConfigError(str(exc)) from exc
         return self
 
 
-def _holds_crawl(out: Path) -> bool:
-    return (out / CANDIDATES_NAME).exists() or (out / WORK_DIR).exists() or any(out.glob("shard-*.tar"))
+def _holds_crawl(out: str) -> bool:
+    return exists(join(out, CANDIDATES_NAME)) or exists(join(out, WORK_DIR)) or bool(names(out, "shard-*.tar"))
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(url: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    fs, path = open_fs(url)
+    with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -195,22 +199,22 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _plan(out: Path, cfg: CrawlConfig, num_candidates: int, classes: list[str]) -> dict[str, Any]:
+def _plan(out: str, cfg: CrawlConfig, num_candidates: int, classes: list[str]) -> dict[str, Any]:
     """Write `work/plan.json`, or check a resumed crawl against it."""
     pipeline = dataclasses.asdict(cfg.pipeline)
     pipeline.pop("fetch")  # fetch settings may change between runs: they decide how, not what
     pipeline.pop("torch_threads")
     plan = _jsonable({
         "candidates": num_candidates,
-        "candidates_sha256": _sha256_file(out / CANDIDATES_NAME),
+        "candidates_sha256": _sha256_file(join(out, CANDIDATES_NAME)),
         "work_shard_size": cfg.work_shard_size,
         "shuffle_seed": cfg.shuffle_seed,
         "classes": classes,
         "pipeline": pipeline,
     })
-    path = out / WORK_DIR / PLAN_NAME
-    if path.exists():
-        existing = json.loads(path.read_text())
+    path = join(out, f"{WORK_DIR}/{PLAN_NAME}")
+    if exists(path):
+        existing = read_json(path)
         if existing != plan:
             changed = sorted(k for k in plan if existing.get(k) != plan[k])
             raise CrawlConfigError(
@@ -224,12 +228,12 @@ def _plan(out: Path, cfg: CrawlConfig, num_candidates: int, classes: list[str]) 
     return plan
 
 
-def _work_paths(out: Path, index: int) -> tuple[Path, Path]:
-    stem = out / WORK_DIR / f"ws-{index:06d}"
-    return Path(f"{stem}.faces.parquet"), Path(f"{stem}.status.parquet")
+def _work_paths(out: str, index: int) -> tuple[str, str]:
+    stem = join(out, f"{WORK_DIR}/ws-{index:06d}")
+    return f"{stem}.faces.parquet", f"{stem}.status.parquet"
 
 
-def _save_work_shard(out: Path, output: WorkShardOutput) -> None:
+def _save_work_shard(out: str, output: WorkShardOutput) -> None:
     from shards import atomic
 
     faces_path, status_path = _work_paths(out, output.index)
@@ -250,15 +254,15 @@ def run_crawl(cfg: CrawlConfig) -> dict[str, Any]:
     from shards import atomic
 
     cfg.validate()
-    out = Path(cfg.out)
+    out = str(cfg.out)
     start = time.monotonic()
     # The crawl's lock, taken before anything is written, covers the shard set too: its writer is handed it.
     with OutputLock(out) as lock:
         # A crawl killed mid-write leaves temp files in its work directory, which a resume never reads
         # (the shard writer clears the output directory's own when it opens the set).
-        for path in atomic.remove_temp_files(out / WORK_DIR):
+        for path in atomic.remove_temp_files(join(out, WORK_DIR)):
             log.info("removed %s, left by an interrupted write", path)
-        atomic.write_json(out / CONFIG_NAME, _jsonable(dataclasses.asdict(cfg)))
+        atomic.write_json(join(out, CONFIG_NAME), _jsonable(dataclasses.asdict(cfg)))
         try:
             runner = open_runner(cfg.distribute)  # workers start now, while discovery runs
         except ConnectionError as exc:
@@ -267,7 +271,7 @@ def run_crawl(cfg: CrawlConfig) -> dict[str, Any]:
             candidates, classes, resumed = _discover(cfg, out)
             committer, num_shards, fresh, crawl_s = _crawl(cfg, out, runner, candidates, classes, lock)
         _compact_work(out, num_shards)
-        atomic.write_parquet(out / DUPLICATES_NAME, pa.Table.from_pylist(committer.stats.dropped, schema=DROPPED_SCHEMA))
+        atomic.write_parquet(join(out, DUPLICATES_NAME), pa.Table.from_pylist(committer.stats.dropped, schema=DROPPED_SCHEMA))
         summary = summarize(out, num_shards, committer)
         summary.update(
             provider=cfg.provider,
@@ -279,11 +283,11 @@ def run_crawl(cfg: CrawlConfig) -> dict[str, Any]:
             images_per_s=round(fresh / crawl_s, 2) if crawl_s > 0 and fresh else None,
         )
         summary["label_noise"] = _label_noise(cfg, out)
-        atomic.write_json(out / SUMMARY_NAME, summary)
+        atomic.write_json(join(out, SUMMARY_NAME), summary)
     return summary
 
 
-def _discover(cfg: CrawlConfig, out: Path) -> tuple[list[Any], list[str], bool]:
+def _discover(cfg: CrawlConfig, out: str) -> tuple[list[Any], list[str], bool]:
     """Candidates (discovered now, or read back on resume), the set's classes, and whether discovery was reused."""
     from crawler.candidate import read_candidates
     from crawler.discover import DiscoveryError, discover
@@ -295,18 +299,18 @@ def _discover(cfg: CrawlConfig, out: Path) -> tuple[list[Any], list[str], bool]:
 
         queries = load_queries(cfg.queries)
     try:
-        discovered = discover(queries or None, cfg.discover_config(), out / CANDIDATES_NAME)
+        discovered = discover(queries or None, cfg.discover_config(), join(out, CANDIDATES_NAME))
     except (DiscoveryError, ProviderError) as exc:
         raise CrawlError(f"discovery failed: {exc}") from exc
-    candidates = read_candidates(out / CANDIDATES_NAME)
+    candidates = read_candidates(join(out, CANDIDATES_NAME))
     classes = _classes(candidates, queries)
     if not classes:
-        raise CrawlError(f"discovery found no candidates ({out / CANDIDATES_NAME} is empty)")
+        raise CrawlError(f"discovery found no candidates ({join(out, CANDIDATES_NAME)} is empty)")
     _plan(out, cfg, len(candidates), classes)
     return candidates, classes, bool(discovered.resumed)
 
 
-def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any], classes: list[str],
+def _crawl(cfg: CrawlConfig, out: str, runner, candidates: list[Any], classes: list[str],
            lock: OutputLock) -> tuple[Committer, int, int, float]:
     """Run the work shards not yet done and commit every work shard in order into the shard set."""
     from shards.writer import ShardWriter
@@ -315,7 +319,7 @@ def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any], classes: 
     random.Random(cfg.shuffle_seed).shuffle(rows)
     size = cfg.work_shard_size
     num_shards = (len(rows) + size - 1) // size
-    done = {i for i in range(num_shards) if _work_paths(out, i)[1].exists()}
+    done = {i for i in range(num_shards) if exists(_work_paths(out, i)[1])}
     # Each task fetches with its share of the per-host budget, so the whole crawl keeps to it.
     pipeline = dataclasses.replace(cfg.pipeline, fetch=cfg.pipeline.fetch.shared_by(runner.parallel))
     tasks = [(i, rows[i * size:(i + 1) * size], pipeline) for i in range(num_shards) if i not in done]
@@ -329,7 +333,7 @@ def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any], classes: 
         def commit_ready() -> None:
             while committer.next_index in done:
                 i = committer.next_index
-                committer.commit(i, pq.read_table(_work_paths(out, i)[0]))
+                committer.commit(i, read_parquet(_work_paths(out, i)[0]))
 
         commit_ready()  # on resume: replays what is done, so dedupe decisions are rebuilt identically
         with tqdm(total=len(rows), initial=len(rows) - fresh, unit="img", desc="crawl", disable=not cfg.progress,
@@ -345,25 +349,25 @@ def _crawl(cfg: CrawlConfig, out: Path, runner, candidates: list[Any], classes: 
     return committer, num_shards, fresh, time.monotonic() - crawl_start
 
 
-def _compact_work(out: Path, num_shards: int) -> None:
+def _compact_work(out: str, num_shards: int) -> None:
     """Once every face is in a finished shard, drop the image bytes from the work files (hashes stay for resume)."""
     from shards import atomic
 
     for i in range(num_shards):
         path = _work_paths(out, i)[0]
-        table = pq.read_table(path)
+        table = read_parquet(path)
         if table.column("image").null_count < table.num_rows:
             images = table.schema.get_field_index("image")
             atomic.write_parquet(path, table.set_column(images, "image", pa.nulls(table.num_rows, pa.binary())))
 
 
-def summarize(out: Path, num_shards: int, committer: Committer) -> dict[str, Any]:
+def summarize(out: str, num_shards: int, committer: Committer) -> dict[str, Any]:
     """Counts over every work shard's status rows plus the commit's decisions."""
     statuses: Counter = Counter()
     fetched = faces_found = frames = 0
     rejected: Counter = Counter()
     for i in range(num_shards):
-        table = pq.read_table(_work_paths(out, i)[1], columns=["status", "fetch_status", "faces_found",
+        table = read_parquet(_work_paths(out, i)[1], columns=["status", "fetch_status", "faces_found",
                                                                  "faces_rejected", "frames"])
         statuses.update(table.column("status").to_pylist())
         fetched += table.column("fetch_status").to_pylist().count("ok")
@@ -398,7 +402,7 @@ def summarize(out: Path, num_shards: int, committer: Committer) -> dict[str, Any
     }
 
 
-def _label_noise(cfg: CrawlConfig, out: Path) -> dict[str, Any] | None:
+def _label_noise(cfg: CrawlConfig, out: str) -> dict[str, Any] | None:
     """Label noise of the written set against the embedded web's `/ground_truth.json`, when there is one."""
     if cfg.label_noise is False or not cfg.api_base:
         return None
@@ -427,7 +431,7 @@ def _label_noise(cfg: CrawlConfig, out: Path) -> dict[str, Any] | None:
     except ValueError as exc:
         log.info("no ground truth at %s (%s): label noise not measured", url, exc)
         return None
-    rows = read_manifest(str(out), columns=["url", "label_name"]).to_pylist()
+    rows = read_manifest(out, columns=["url", "label_name"]).to_pylist()
     return label_noise(rows, truth)
 
 
@@ -511,7 +515,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", required=True, help="openverse, wikimedia, flickr, urllist, youtube, localweb")
     p.add_argument("--api-base", help="the provider's base URL (e.g. the embedded web's)")
     p.add_argument("--input", help="the URL list for --provider urllist (csv, tsv, jsonl, parquet: url,label[,query])")
-    p.add_argument("--out", required=True, help="output directory (the shard set and the crawl's state)")
+    p.add_argument("--out", required=True,
+                   help="output directory or object-store URL, s3://... gs://... (the shard set and the crawl's state)")
     p.add_argument("--faces", choices=("mtcnn", "haar", "none"), help="face detector (default mtcnn)")
     p.add_argument("--allow-host", action="extend", nargs="+", default=[], metavar="HOST[:PORT]",
                    help="hosts, addresses or networks exempt from the private-address refusal, each for one port "
@@ -594,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the crawl could not run: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary))
-    print(f"summary written to {Path(cfg.out) / SUMMARY_NAME}")
+    print(f"summary written to {join(cfg.out, SUMMARY_NAME)}")
     return 0
 
 

@@ -18,11 +18,11 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from crawler.queries import Query
 from shards.atomic import write_parquet
 from shards.classes import CANONICAL
+from shards.fs import read_parquet
 from shards.sample import key_from_source
 
 #: "video" is a media file; "video_page" is a page (a YouTube watch page) that `crawler.resolve` turns into one.
@@ -192,7 +192,7 @@ def write_candidates(path: str | Path, rows: Iterable[Candidate]) -> list[Merged
 
 def read_candidates(path: str | Path) -> list[MergedCandidate]:
     """Read a candidates parquet written by `write_candidates`."""
-    table = pq.read_table(path)
+    table = read_parquet(str(path))
     missing = [name for name in CANDIDATE_SCHEMA.names if name not in table.column_names]
     if missing:
         raise ValueError(f"{path}: not a candidates file, missing columns {missing}")

@@ -5,7 +5,9 @@ provider's own; each query pages until its cap (`per_query`, bounded by the
 provider's `max_results`) or the provider's last page. Hits are merged in query
 order whatever order the requests finished in, so the same queries give the same
 file. A query that fails is recorded and the others go on; if every query fails,
-the run is misconfigured and raises. The candidates file is written atomically and,
+the run is misconfigured and raises. A provider that has not answered at all within its
+first-contact time (`ProviderUnreachable`: no such host, connection refused, only 5xx)
+stops every query at once and raises. The candidates file is written atomically and,
 once there, is reused: discovery is not repeated unless forced.
 
 Search APIs are asked through a `crawler.http.guarded_session`: the address guard checks
@@ -30,10 +32,11 @@ from tqdm import tqdm
 from crawler.candidate import Candidate, MergedCandidate, read_candidates, write_candidates
 from crawler.http import guarded_session
 from crawler.netguard import AllowList, origin_entry
-from crawler.providers import OwnsQueries, Provider, ProviderError, get_provider, settings_of
+from crawler.providers import OwnsQueries, Provider, ProviderError, ProviderUnreachable, get_provider, settings_of
 from crawler.providers.base import DEFAULT_MAX_BYTES
 from crawler.queries import Query, load_queries
 from shards.classes import CANONICAL
+from shards.fs import exists
 
 if TYPE_CHECKING:
     import aiohttp
@@ -112,6 +115,8 @@ async def discover_async(
                 for i in pending:
                     try:
                         await _run_query(session, provider, queries[i], cap, results[i])
+                    except ProviderUnreachable:
+                        raise  # no query can run: the task group stops the others
                     except ProviderError as exc:
                         errors[i] = f"{queries[i].text!r} ({queries[i].lang}): {exc}"
                     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field missing or of another type
@@ -121,7 +126,12 @@ async def discover_async(
                         logger.warning("query failed after %d results: %s", len(results[i]), errors[i])
                     bar.update(1)
 
-            await asyncio.gather(*(work() for _ in range(workers)))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(workers):
+                        group.create_task(work())
+            except* Exception as failed:  # the first failure, as asyncio.gather would raise it
+                raise failed.exceptions[0] from None
     return [hit for hits in results for hit in hits], [errors[i] for i in sorted(errors)]
 
 
@@ -145,8 +155,8 @@ def discover(
 
     `queries=None` runs the provider's own queries (a URL list's) or else the built-in taxonomy.
     """
-    out = Path(out_path)
-    if out.exists() and not force:
+    out = str(out_path)
+    if exists(out) and not force:
         logger.info("reusing candidates %s (discovery not repeated)", out)
         return summarize(read_candidates(out), out, resumed=True)
     provider = cfg.build_provider()

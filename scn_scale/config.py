@@ -270,8 +270,9 @@ class TrainConfig:
         "which needs a local out_dir."
     )})
     fail_at: str = field(default="", metadata={"doc": (
-        "Fault injection for tests, e.g. \"epoch=1,step=2,rank=1\": that rank raises at that step (1-based), "
-        "once per run; add \",how=kill\" for a SIGKILL of the worker process instead of an exception."
+        "Fault injection for tests, e.g. \"epoch=1,step=2,rank=1\": that rank raises after that step (1-based) and "
+        "the checkpoint that follows it, if any, once per run; add \",how=kill\" for a SIGKILL of the worker process "
+        "instead of an exception; several faults separated by \";\", each failing one attempt (max_failures)."
     )})
     max_failures: int = field(default=1, metadata={"doc": (
         "Worker failures Ray Train survives by restarting from the last checkpoint (its FailureConfig)."
@@ -282,6 +283,14 @@ class TrainConfig:
         "goes. So 1 keeps the best and the latest epoch. 0 keeps every epoch (each holds the DeepSpeed state of "
         "every rank: about 200 MiB for ResNet-18 under ZeRO-2). Ray Train applies it (CheckpointConfig), so "
         "its record of the run's checkpoints never names a deleted one and a resume finds what it lists."
+    )})
+    checkpoint_every_steps: int = field(default=0, metadata={"doc": (
+        "A mid-epoch checkpoint every so many steps (0: at epoch ends only), so that a preempted node costs at most "
+        "that many steps, not an epoch. It holds the exact data position and each rank's share of the epoch so far "
+        "(its relabel proposals, per-sample alpha, sums, BatchNorm statistics, random state); a resume passes over "
+        "the epoch's trained batches (read and decoded, not augmented or trained) and continues as an uninterrupted "
+        "run would, on the same number of ranks. Each costs a DeepSpeed save of every rank; Ray keeps it until a "
+        "newer checkpoint comes (it ranks below every epoch checkpoint for keep_checkpoints). A multiple of grad_accum."
     )})
     address: str = field(default="", metadata={"doc": (
         "Ray cluster address (the command's --ray-address); \"\" = RAY_ADDRESS, else a new local cluster on loopback."
@@ -304,7 +313,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size", "num_workers", "grad_accum", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("loader_workers", "max_failures", "keep_checkpoints"):
+        for name in ("loader_workers", "max_failures", "keep_checkpoints", "checkpoint_every_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0.0:
@@ -317,10 +326,13 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        for part in filter(None, self.fail_at.split(",")):
+        for part in filter(None, self.fail_at.replace(";", ",").split(",")):
             name, sep, value = part.partition("=")
             if not (sep and name.strip() and value.strip()):
-                raise ConfigError(f"fail_at must be comma-separated name=value pairs, got {self.fail_at!r}")
+                raise ConfigError(f"fail_at must be comma-separated name=value pairs (faults separated by ';'), got {self.fail_at!r}")
+        if self.checkpoint_every_steps % self.grad_accum:
+            raise ConfigError(f"checkpoint_every_steps ({self.checkpoint_every_steps}) must be a multiple of grad_accum "
+                              f"({self.grad_accum}): a checkpoint between two optimizer steps would lose the gradients accumulated so far")
         if self.tracking == "mlflow" and not self.mlflow_uri and "://" in self.out_dir:
             raise ConfigError(f"tracking=mlflow keeps its store in the run directory, which must be local, but out_dir is "
                               f"{self.out_dir}: set mlflow_uri (an MLflow server or database every node reaches)")

@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ import pyarrow as pa
 import yaml
 
 from scn_scale import checkpoint
+from scn_scale.train import free_ports
 from shards import open_shard_set, read_manifest
 from shards.atomic import write_json, write_parquet
 from shards.cli import set_flags
@@ -327,20 +327,6 @@ def session_members(sid: int) -> list[int]:
         if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in ("Z", "X"):
             members.append(int(entry.name))
     return sorted(members)
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together, so they differ)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 # -- the ground truth of the crawl -----------------------------------------------------------------------

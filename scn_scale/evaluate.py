@@ -1,7 +1,8 @@
 """`python -m scn_scale.evaluate --checkpoint C --shards S --out DIR`: a checkpoint on a shard set, as a report.
 
 C is a checkpoint directory (holding `model.pt`), a training run directory, meaning its
-latest checkpoint (the highest `checkpoint_epoch_NNNN` holding a `model.pt`), or a model
+latest complete checkpoint (the highest `checkpoint_epoch_NNNN` whose files were all copied:
+scn_scale.checkpoint.is_complete), or a model
 file; a local path or a URL (s3://, gs://: where cluster runs keep their checkpoints). The model's classes and the set's
 are matched by name; only classes both have are evaluated, and the report says so.
 
@@ -37,7 +38,9 @@ from scn_scale.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    STATE_FILE,
     CheckpointError,
+    is_complete,
     latest_checkpoint,
     read_metrics,
 )
@@ -49,7 +52,7 @@ from scn_scale.weights import WeightLoadError, load_model_file
 from shards import ShardSet, index_map, open_shard_set
 from shards.atomic import write_json, write_parquet
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
-from shards.fs import join, open_fs
+from shards.fs import is_file, join, local_dir, open_fs
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class EvalConfig:
         for name, least in (("image_size", 0), ("batch_size", 1), ("loader_workers", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
+        if is_file(self.out):
             raise ValueError(f"out {self.out} exists and is not a directory")
         if self.device:
             try:
@@ -95,12 +98,15 @@ def find_model_file(path: str | Path) -> str:
     if fs.isfile(fs_path):
         return path
     if fs.isfile(join(fs_path, MODEL_FILE)):
+        if fs.isfile(join(fs_path, STATE_FILE)) and not is_complete(path):
+            raise CheckpointError(f"{path}: an incomplete checkpoint (its files were not all copied): "
+                                  "evaluate an earlier one, or the run directory for its latest complete one")
         return join(path, MODEL_FILE)
     if not fs.isdir(fs_path):
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    latest = latest_checkpoint(path, holding=MODEL_FILE)
+    latest = latest_checkpoint(path)
     if latest is None:
-        raise CheckpointError(f"{path}: holds no {MODEL_FILE} (neither a checkpoint nor a run directory)")
+        raise CheckpointError(f"{path}: holds no {MODEL_FILE} in a complete checkpoint (neither a checkpoint nor a run directory)")
     return join(latest, MODEL_FILE)
 
 
@@ -264,13 +270,20 @@ def evaluate(cfg: EvalConfig) -> dict | None:
 def write_report(
     result: dict, pred: Predictions, noisy_keys: set[str] | None, model_file: str, cfg: EvalConfig
 ) -> None:
-    """predictions.parquet, the plots, then report.json and report.md (which name the plots) into cfg.out."""
-    out = Path(cfg.out)
+    """predictions.parquet, the plots, then report.json and report.md (which name the plots) into cfg.out
+    (a directory or an object-store URL)."""
+    with local_dir(cfg.out) as out:
+        _write_report(result, pred, noisy_keys, model_file, cfg, out)
+
+
+def _write_report(
+    result: dict, pred: Predictions, noisy_keys: set[str] | None, model_file: str, cfg: EvalConfig, out: Path
+) -> None:
     classes = result["classes"]
     write_parquet(out / "predictions.parquet", pred.to_table(classes))
     result["plots"] = {"confusion": plots.CONFUSION_PNG, "alpha": plots.ALPHA_PNG}
     plots.plot_confusion(result["confusion_matrix"], classes, out / plots.CONFUSION_PNG,
-                         f"{Path(cfg.shards).name}: accuracy {result['accuracy']:.2%}")
+                         f"{cfg.shards.rstrip('/').rsplit('/', 1)[-1]}: accuracy {result['accuracy']:.2%}")
     noisy_mask = None if noisy_keys is None else np.array([k in noisy_keys for k in pred.keys], dtype=bool)
     plots.plot_alpha(pred.alpha, out / plots.ALPHA_PNG, noisy_mask)
 
@@ -348,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m scn_scale.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--shards", required=True, help="shard set to evaluate on")
-    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--out", required=True, help="report directory or object-store URL (s3://..., gs://...)")
     parser.add_argument("--run", default="", help="training run directory for per-epoch curves (default: C's run)")
     parser.add_argument("--image-size", type=int, default=0, help=IMAGE_SIZE_HELP)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -367,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bad_input(e)
     if result is not None:
         print(f"{result['samples']} samples: accuracy {result['accuracy']:.4f}, "
-              f"mean class accuracy {result['mean_class_accuracy']:.4f} -> {Path(cfg.out) / 'report.md'}")
+              f"mean class accuracy {result['mean_class_accuracy']:.4f} -> {join(cfg.out, 'report.md')}")
         for note in result["notes"]:
             print(f"note: {note}")
     return 0

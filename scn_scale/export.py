@@ -31,7 +31,7 @@ from scn_scale.model import SCNModel
 from scn_scale.weights import SAFETENSORS_KEY, WeightLoadError, save_model_file
 from shards.atomic import atomic_path, write_text
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
-from shards.fs import join, open_fs
+from shards.fs import is_dir, is_file, join, open_fs
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ def _onnx_modules():
     return onnx, onnxruntime
 
 
-def export_onnx(model: SCNModel, classes: Sequence[str], path: str | Path, image_size: int, opset: int = 18) -> Path:
-    """Write the ONNX file atomically, with metadata, after `check_onnx` passes on it."""
+def export_onnx(model: SCNModel, classes: Sequence[str], path: str | Path, image_size: int, opset: int = 18) -> str:
+    """Write the ONNX file (a path or an object-store URL) atomically, with metadata, after `check_onnx` passes on it."""
     onnx, _ = _onnx_modules()
-    path = Path(path)
+    path = str(path)
     wrapper = InferenceModel(model).eval()
     example = torch.randn(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1)
@@ -236,19 +236,20 @@ labels = [info["classes"][i] for i in logits.argmax(1).tolist()]
 
 
 def export_safetensors(model: SCNModel, classes: Sequence[str], extra: dict, model_file: str, out: str | Path,
-                       image_size: int) -> Path:
-    """Write `out/model.safetensors` and its model card `out/README.md`; returns the model file's path."""
-    out = Path(out)
-    path = out / SAFETENSORS_FILE
-    save_model_file(str(path), model, classes, extra)
-    write_text(out / CARD_FILE, model_card(model, classes, extra, model_file, image_size))
+                       image_size: int) -> str:
+    """Write `out/model.safetensors` and its model card `out/README.md` (`out` a directory or an object-store
+    URL); returns the model file's path."""
+    path = join(str(out), SAFETENSORS_FILE)
+    save_model_file(path, model, classes, extra)
+    write_text(join(str(out), CARD_FILE), model_card(model, classes, extra, model_file, image_size))
     return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m scn_scale.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--out", required=True, help="the .onnx file, or the directory for --format safetensors")
+    parser.add_argument("--out", required=True, help="the .onnx file, or the directory for --format safetensors "
+                                                     "(a path or an object-store URL, s3://..., gs://...)")
     parser.add_argument("--format", choices=("onnx", "safetensors"), default="onnx",
                         help="onnx (default): an inference graph; safetensors: weights plus a model card")
     parser.add_argument("--image-size", type=int, default=0, help="input size (default: the training size)")
@@ -256,13 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_log_level(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
-    out = Path(args.out)
+    out = args.out
     try:
         if args.image_size < 0:
             raise ValueError(f"--image-size must be >= 0 (0: the training size), got {args.image_size}")
-        if args.format == "onnx" and out.is_dir():
+        if args.format == "onnx" and is_dir(out):
             raise ValueError(f"--out {out} is a directory; name the .onnx file to write")
-        if args.format == "safetensors" and out.exists() and not out.is_dir():
+        if args.format == "safetensors" and is_file(out):
             raise ValueError(f"--out {out} is a file; --format safetensors writes a directory")
         if args.format == "onnx":
             _onnx_modules()  # missing packages are reported before the model is loaded
@@ -276,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image_size = args.image_size or trained_image_size(extra)
     if args.format == "safetensors":
         path = export_safetensors(model, classes, extra, model_file, args.out, image_size)
-        print(f"{model_file} -> {path} and its model card {Path(args.out) / CARD_FILE} (classes {', '.join(classes)})")
+        print(f"{model_file} -> {path} and its model card {join(args.out, CARD_FILE)} (classes {', '.join(classes)})")
         return 0
     export_onnx(model, classes, args.out, image_size, args.opset)
     print(f"{model_file} -> {args.out} (inputs image [N, 3, {image_size}, {image_size}]; outputs logits, alpha; "

@@ -10,11 +10,18 @@ Each epoch, on every rank:
 3. gather every rank's proposals (rows of the sample index), merge them into one table, check
    its digest on every rank, and add up the ranks' alpha histograms; each rank writes its
    per-sample alpha to its own parquet part in the run directory;
-4. validate on this rank's share of the validation shards and gather predictions by key;
+4. average the ranks' BatchNorm statistics (DeepSpeed keeps only parameters equal), so that every
+   rank validates, and rank 0 saves, the same model; validate on this rank's share of the
+   validation shards and gather predictions by key, each sample counted once;
 5. rank 0 appends the epoch's metrics to the run's metrics file and its tracker (TensorBoard,
    MLflow: scn_scale.tracking, which also gets the per-step scalars of every sums read); every
    rank writes its part of the checkpoint and reports it (the same number of `ray.train.report`
    calls everywhere).
+
+With `checkpoint_every_steps`, step 2 also writes a checkpoint every so many steps: the
+model and optimizer, the table, and each rank's `EpochState` with its random state and
+BatchNorm statistics. A resume from it passes over the epoch's trained batches and goes on
+exactly as the uninterrupted epoch (tests/test_train.py compares the two).
 
 A relabel proposed in epoch e is merged at the end of epoch e and trained on from e + 1; with
 `scn.relabel_confirm` = k it is merged at the end of the k-th consecutive epoch proposing it.
@@ -23,12 +30,15 @@ A relabel proposed in epoch e is merged at the end of epoch e and trained on fro
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import logging
+import math
+import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterable, Iterator, Sequence
@@ -51,6 +61,8 @@ from scn_scale.relabel import BatchProposals, propose_relabels
 from scn_scale.relabel_table import ManifestIndex, RelabelTable
 from scn_scale.weights import load_weights
 from shards import ShardSet, open_shard_set, read_manifest
+from shards.fs import join, remove
+from shards.reader import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +111,19 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
             )
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError("deepspeed config enables fp16, which this trainer does not support: use bf16 (precision=bf16)")
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    if bf16 and cfg.precision != "bf16":
+    if ds.get("bf16", {}).get("enabled", False) and cfg.precision != "bf16":
         raise ConfigError("deepspeed config enables bf16 but precision is fp32: set precision=bf16 or disable bf16 there")
-    if bf16:
-        # Since DeepSpeed 0.19.2 a bf16 engine casts parameters but not buffers, and
-        # BatchNorm then fails with "expected scalar type BFloat16 but found Float".
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+    if ds.get("data_types", {}).get("buffer_dtype") not in (None, "fp32"):
+        raise ConfigError(
+            f"deepspeed config sets data_types.buffer_dtype={ds['data_types']['buffer_dtype']!r}: BatchNorm's running "
+            "statistics must stay fp32 (momentum updates below bf16's resolution round away); remove it"
+        )
+    # precision=bf16 is an fp32 engine with a bf16 autocast forward (`autocast`): DeepSpeed's bf16 engine
+    # casts the parameters and not the buffers, and BatchNorm then fails ("expected scalar type BFloat16
+    # but found Float") unless its buffers are bf16 too. So the bf16 section, which marks a config meant
+    # for precision=bf16, does not reach DeepSpeed; gradients are reduced in fp32 unless the config's
+    # communication_data_type asks for another type.
+    ds.pop("bf16", None)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) not in (0, 1, 2):
         raise ConfigError(
@@ -118,6 +136,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     # released code does not clip, and a config without the key (none at all, or an inline one such as
     # rafdb-finetune.yaml's) clipped silently. A config may still set it.
     ds.setdefault("gradient_clipping", 0.0)
+    if cfg.optimizer == "sgd" and zero.get("stage", 0) > 0:
+        # DeepSpeed's ZeRO asserts on optimizers outside its tested list (torch's Adam and AdamW are on
+        # it, SGD is not). ZeRO 1-2 hand each rank a slice of the flat parameters, gradients and optimizer
+        # state; torch's SGD updates every element from its own gradient and momentum buffer alone, so a
+        # slice steps exactly as the whole would (tests/test_optimizer.py compares it with plain PyTorch).
+        ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer reports per epoch; DeepSpeed's default logs every 10 steps
     return ds
 
@@ -128,8 +152,8 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Torch seed for one rank's epoch (augmentation, dropout, loader worker seeds); Python's hash() differs per process."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()[:8], "little") % 2**63
+    """Torch seed for one rank's epoch (dropout, loader worker seeds; augmentation is seeded per batch by the reader)."""
+    return derive_seed(seed, epoch, rank)
 
 
 #: The parts of a metrics line that go to `ray.train.report` (and so to Ray's result and
@@ -139,6 +163,9 @@ REPORTED = (
     "relabels", "relabels_total", "table_digest", "audit", "skipped", "val_skipped", "images_per_s",
     "images_per_s_per_worker",
 )
+#: What ranks a mid-epoch checkpoint for Ray's retention (`checkpoint_score`, an epoch's val_accuracy
+#: otherwise): below every epoch checkpoint, so it is kept only while it is the latest.
+MID_EPOCH_SCORE = -1.0
 
 
 @dataclass(frozen=True)
@@ -174,37 +201,87 @@ class EpochStats:
 
 
 @dataclass
-class TrainLabels:
-    """The training label of every sample and its truth, by row of the sample index, when label_overrides records the truth (synthetic noise)."""
+class EpochState:
+    """What one rank has of the epoch it trains: its sums, its per-sample record (alpha, relabel
+    proposals), the running device sums and the tracker meter's last read.
 
-    given: torch.Tensor  # int16 [samples]: the manifest's labels, overridden
-    truth: torch.Tensor  # int16 [samples]
+    A mid-epoch checkpoint saves it (`to_partial`) with what else differs by rank there: the
+    random state of torch and the BatchNorm statistics (averaged only at the epoch's end).
+    """
+
+    stats: EpochStats
+    samples: sync.EpochSamples
+    sums: metrics.RunningSums
+    meter: tracking.StepMeter
+
+    @classmethod
+    def start(cls, epoch: int, lr: float, world: int, device: torch.device) -> EpochState:
+        return cls(EpochStats(), sync.EpochSamples(epoch), metrics.RunningSums(device), tracking.StepMeter(lr, world))
+
+    def to_partial(self, module: torch.nn.Module, device: torch.device) -> dict:
+        """Host tensors and plain values only: the checkpoint loads it with weights_only=True."""
+        return {
+            "stats": dataclasses.asdict(self.stats),
+            "samples": self.samples.state_dict(),
+            "sums": self.sums.total.cpu(),
+            "meter": {"sums": self.meter.sums, "samples": self.meter.samples},
+            "buffers": {name: b.detach().cpu().clone() for name, b in module.named_buffers()},
+            "random": torch.get_rng_state(),
+            "device_random": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+
+    @classmethod
+    def from_partial(cls, partial: dict, epoch: int, lr: float, world: int, device: torch.device) -> EpochState:
+        state = cls.start(epoch, lr, world, device)
+        state.stats = EpochStats(**partial["stats"])
+        state.samples = sync.EpochSamples.from_state(partial["samples"], device)
+        state.sums.total = partial["sums"].to(device)
+        state.meter.sums, state.meter.samples = dict(partial["meter"]["sums"]), partial["meter"]["samples"]
+        return state
+
+
+def restore_random(partial: dict, device: torch.device) -> None:
+    """Torch's random state as a mid-epoch checkpoint saved it (dropout continues as it would have)."""
+    torch.set_rng_state(partial["random"])
+    if partial["device_random"] is not None:
+        torch.cuda.set_rng_state(partial["device_random"], device)
+
+
+@dataclass
+class TrainLabels:
+    """The label of every sample before relabeling (the manifest's, overridden) by row of the sample index, and its
+    truth when label_overrides records one (synthetic noise)."""
+
+    given: torch.Tensor  # int16 [samples]
+    truth: torch.Tensor | None  # int16 [samples]
 
     @property
-    def noisy(self) -> torch.Tensor:
-        return self.given != self.truth
+    def noisy(self) -> torch.Tensor | None:
+        return None if self.truth is None else self.given != self.truth
 
 
-def read_train_index(cfg: TrainConfig) -> tuple[ManifestIndex, TrainLabels | None]:
-    """The training set's sample index (from its manifest) and its labels by row, the latter only
+def read_train_index(cfg: TrainConfig) -> tuple[ManifestIndex, TrainLabels]:
+    """The training set's sample index (from its manifest) and its labels by row, with their truth only
     if the override table has a `true_label` column (scn_scale.noise writes one).
 
-    Every rank reads both: every rank keys its samples by row, and splits its alpha
-    histogram into noisy and clean samples itself.
+    Every rank reads both: every rank keys its samples by row, splits its alpha histogram
+    into noisy and clean samples itself, and weighs classes for balanced sampling by them.
     """
     manifest = read_manifest(cfg.train_shards, columns=["key", "label"])
     train_index = ManifestIndex.build(manifest.column("key"))
     index, rows = train_index.index, train_index.of_manifest_row
-    if not cfg.label_overrides or "true_label" not in pq.read_schema(cfg.label_overrides).names:
-        return train_index, None
-    truth = torch.zeros(len(index), dtype=torch.int16)
-    truth[torch.from_numpy(rows)] = torch.tensor(manifest.column("label").to_numpy(), dtype=torch.int16)
-    given = truth.clone()
-    noise = pq.read_table(cfg.label_overrides, columns=["key", "label", "true_label"])
-    noisy_rows = torch.from_numpy(index.lookup(noise.column("key")))
-    given[noisy_rows] = torch.tensor(noise.column("label").to_numpy(), dtype=torch.int16)
-    truth[noisy_rows] = torch.tensor(noise.column("true_label").to_numpy(), dtype=torch.int16)
-    return train_index, TrainLabels(given=given, truth=truth)
+    given = torch.zeros(len(index), dtype=torch.int16)
+    given[torch.from_numpy(rows)] = torch.tensor(manifest.column("label").to_numpy(), dtype=torch.int16)
+    if not cfg.label_overrides:
+        return train_index, TrainLabels(given, None)
+    columns = ["key", "label"] + (["true_label"] if "true_label" in pq.read_schema(cfg.label_overrides).names else [])
+    overrides = pq.read_table(cfg.label_overrides, columns=columns)
+    overridden = torch.from_numpy(index.lookup(overrides.column("key")))
+    truth = given.clone() if "true_label" in columns else None
+    given[overridden] = torch.tensor(overrides.column("label").to_numpy(), dtype=torch.int16)
+    if truth is not None:
+        truth[overridden] = torch.tensor(overrides.column("true_label").to_numpy(), dtype=torch.int16)
+    return train_index, TrainLabels(given, truth)
 
 
 def importance_trains(cfg: TrainConfig, epoch: int) -> bool:
@@ -255,7 +332,7 @@ def make_optimizer(cfg: TrainConfig, model: SCNModel) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> None:
+def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, resumed: bool = False) -> None:
     """Set every parameter group's lr for the 1-based `epoch`; hold the importance branch while alpha is unused.
 
     A plain torch optimizer skips a parameter whose gradient is None. DeepSpeed (ZeRO) hands
@@ -264,7 +341,8 @@ def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: in
     and SCN then started from alpha = 0.5 everywhere instead of the network's initial branch.
     With lr and weight decay at 0 the branch, and Adam's moments for it, stay as they are. At the
     first epoch in which it trains its optimizer state is reset, so its first step is an
-    optimizer's first step there, as in plain PyTorch (not one scaled by a step count it never used).
+    optimizer's first step there, as in plain PyTorch (not one scaled by a step count it never used);
+    not again when that epoch is `resumed` mid-way (its state then holds the epoch's steps so far).
     """
     trains = importance_trains(cfg, epoch)
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
@@ -273,7 +351,7 @@ def schedule_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: in
         held = branch and not trains
         group["lr"] = 0.0 if held else lr_at(cfg, epoch)
         group["weight_decay"] = 0.0 if held else cfg.weight_decay
-        if branch and trains and epoch == cfg.scn.warmup_epochs + 1 > 1:
+        if branch and trains and epoch == cfg.scn.warmup_epochs + 1 > 1 and not resumed:
             for p in group["params"]:
                 inner.state.pop(p, None)
 
@@ -296,6 +374,14 @@ def build_engine(spec: WorkerSpec, device: torch.device, init: bool):
     return engine
 
 
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's precision: for precision=bf16, bf16 autocast around an fp32 engine (`deepspeed_config`), so
+    weights, gradients, optimizer state and BatchNorm's running statistics stay fp32."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class Worker:
     """One rank's training state: settings, data, engine and relabel table."""
 
@@ -308,31 +394,54 @@ class Worker:
         self.train_index, self.labels = read_train_index(self.cfg)
         self.index = self.train_index.index
         self.fault = FaultPlan.parse(self.cfg.fail_at, self.cfg.num_workers)
-        resume_from = ray.train.get_checkpoint()
+        self._unregistered: str | None = None  # rank 0: a checkpoint resumed from that Ray's retention does not know
+        resume_from = self._resume_point()
         self.engine = build_engine(spec, device, init=bool(self.cfg.init) and resume_from is None)
         self.table = RelabelTable(self.index)
-        self.first_epoch = 1
+        self.first_epoch, self.start_step = 1, 0
+        self.partial: dict | None = None  # this rank's state of the epoch a mid-epoch checkpoint resumes
         self.resumed_from: dict | None = None
         if resume_from is not None:
             self._restore(resume_from)
         sync.check_digests(self.table)
 
-    def _restore(self, ckpt: ray.train.Checkpoint) -> None:
-        with ckpt.as_directory() as directory:
-            restored = checkpoint.load(directory, self.engine, self.world, self.index)
+    def _resume_point(self) -> str | None:
+        """The checkpoint this attempt resumes from (scn_scale.checkpoint.resume_point), chosen by rank 0 for all.
+
+        One newer than Ray's registered checkpoint is unknown to Ray's retention: if it is a mid-epoch
+        one, rank 0 removes it itself once a newer checkpoint is complete (`_unregistered`); an epoch's
+        stays, as one of the run's epochs (at most one per failure).
+        """
+        choice = None
+        if self.rank == 0:
+            registered = ray.train.get_checkpoint()
+            name = None if registered is None else os.path.basename(registered.path.rstrip("/"))
+            choice = checkpoint.resume_point(self.spec.run_dir, name)
+            if choice is not None and (name is None or checkpoint.position(choice) > checkpoint.position(name)):
+                log.info("resuming from %s, which Ray Train had not registered yet (a kill right after its report)", choice)
+                if checkpoint.position(choice)[1] != math.inf:
+                    self._unregistered = choice
+        return sync.all_gather_object(choice)[0]
+
+    def _restore(self, directory_url: str) -> None:
+        with ray.train.Checkpoint(directory_url).as_directory() as directory:
+            restored = checkpoint.load(directory, self.engine, self.world, self.rank, self.index)
         if tuple(restored.classes) != self.spec.classes:
             raise checkpoint.CheckpointError(f"the checkpoint's classes {restored.classes} differ from the shard set's {list(self.spec.classes)}")
-        self.table, self.first_epoch = restored.table, restored.epoch + 1
+        self.table = restored.table
+        self.first_epoch, self.start_step = restored.next_position
+        self.partial = restored.partial
+        if self.partial is not None:
+            # DeepSpeed restored rank 0's module on every rank; mid-epoch each rank's BatchNorm statistics are its own.
+            with torch.no_grad():
+                for name, buffer in self.engine.module.named_buffers():
+                    buffer.copy_(self.partial["buffers"][name])
         self.resumed_from = {"epoch": restored.epoch, "table_digest": restored.table.digest()}
-        log.info("resumed after epoch %d with a relabel table of %d entries", restored.epoch, len(restored.table))
+        if restored.step is not None:
+            self.resumed_from["step"] = restored.step
+        log.info("resumed at epoch %d step %d with a relabel table of %d entries", self.first_epoch, self.start_step, len(restored.table))
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast for precision=bf16: the whole forward with an fp32 engine, the inputs with a bf16 engine."""
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _loader(self, shard_set: ShardSet, train: bool, epoch: int) -> torch.utils.data.DataLoader:
+    def _loader(self, shard_set: ShardSet, train: bool, epoch: int, start_batch: int = 0) -> torch.utils.data.DataLoader:
         return shard_loader(
             shard_set,
             train=train,
@@ -345,9 +454,17 @@ class Worker:
             epoch=epoch,
             overrides=self.overrides if train else None,
             balanced=train and self.cfg.balanced_sampler,
+            labels=self.balance_labels() if train and self.cfg.balanced_sampler else None,
             shuffle_buffer=self.cfg.reader.shuffle_buffer,
             interleave=self.cfg.reader.interleave,
+            start_batch=start_batch,
         )
+
+    def balance_labels(self) -> np.ndarray:
+        """The label each training manifest row is trained on this epoch (the relabel table applied), for the
+        balanced sampler: it weighs the classes as training sees them, and a relabel moves a sample's weight."""
+        rows = self.train_index.of_manifest_row
+        return self.table.labels_at(rows, self.labels.given[torch.from_numpy(rows)]).numpy()
 
     def _images(self, batch: dict) -> torch.Tensor:
         memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
@@ -358,7 +475,7 @@ class Worker:
     ) -> tuple[SCNOutput, LossParts, BatchProposals | None]:
         """One micro-batch: loss, backward, (boundary) step; then the proposals from this forward pass."""
         eac = self.cfg.method == "eac"
-        with self.autocast():
+        with autocast(self.cfg, self.device):
             out = self.engine(images, cam=eac)
             # EAC's mirrored view, in a forward pass of its own: BatchNorm normalizes each view by
             # itself, as in the released code.
@@ -370,25 +487,36 @@ class Worker:
             return out, parts, None
         return out, parts, propose_relabels(keys, labels, out, epoch, self.cfg.scn, ranked, offset)
 
-    def train_epoch(self, epoch: int, tracker: tracking.RunTracker | None = None) -> tuple[EpochStats, sync.EpochSamples]:
-        """Train one epoch; returns this rank's sums and its record of the samples it trained (alpha, proposals).
+    def train_epoch(
+        self, epoch: int, tracker: tracking.RunTracker | None = None, start_step: int = 0, partial: dict | None = None,
+    ) -> tuple[EpochStats, sync.EpochSamples]:
+        """Train one epoch, or its steps after `start_step` with this rank's `partial` state from a mid-epoch
+        checkpoint; returns this rank's sums and its record of the samples it trained (alpha, proposals).
 
         Sums, alpha and proposals stay on the device: the loop reads the sums back every
-        `log_every_steps` steps and at the end, and waits for the device nowhere else. Those
-        reads feed the progress display and `tracker` (rank 0's, None elsewhere).
+        `log_every_steps` steps, at mid-epoch checkpoints and at the end, and waits for the device
+        nowhere else. Those reads feed the progress display and `tracker` (rank 0's, None elsewhere).
         """
         torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
-        schedule_epoch(self.engine.optimizer, self.cfg, epoch)
+        schedule_epoch(self.engine.optimizer, self.cfg, epoch, resumed=start_step > 0)
         self.engine.train()
-        loader = self._loader(self.train_set, True, epoch)
+        loader = self._loader(self.train_set, True, epoch, start_step)
         # Whole accumulation cycles only: a partial cycle's gradients would leak into the next
         # epoch, and be lost on resume.
         steps = len(loader.dataset) // self.cfg.grad_accum * self.cfg.grad_accum
-        stats, samples, sums = EpochStats(), sync.EpochSamples(epoch), metrics.RunningSums(self.device)
-        shown = progress.EpochProgress(progress.mode(self.spec.progress, self.spec.terminal, self.rank), epoch, steps)
-        meter = tracking.StepMeter(lr_at(self.cfg, epoch), self.world)
+        lr = lr_at(self.cfg, epoch)
+        if partial is None:
+            state = EpochState.start(epoch, lr, self.world, self.device)
+        else:
+            state = EpochState.from_partial(partial, epoch, lr, self.world, self.device)
+        stats, samples, sums, meter = state.stats, state.samples, state.sums, state.meter
+        shown = progress.EpochProgress(progress.mode(self.spec.progress, self.spec.terminal, self.rank), epoch, steps, start_step)
+        batches = iter(loader)  # the loader draws its workers' seed from torch here, resumed or not
+        if partial is not None:
+            restore_random(partial, self.device)
+        every = self.cfg.checkpoint_every_steps
         tick = time.perf_counter()
-        for step, batch in enumerate(islice(loader, steps), start=1):
+        for step, batch in enumerate(islice(batches, steps - start_step), start=start_step + 1):
             loaded = time.perf_counter()
             stats.data_time += loaded - tick
             keys = list(batch["key"])
@@ -409,11 +537,13 @@ class Worker:
                 shown.report(step, running["loss"] / stats.samples, running["alpha"] / stats.samples, scalars["step/images_per_s"])
                 if tracker is not None:
                     tracker.log_interval(step, scalars)
-            if self.fault is not None:
+            stats.compute_time += time.perf_counter() - loaded
+            if every and step % every == 0 and step < steps:  # the last step is followed by the epoch's own
+                self.save_and_report(epoch, None, step, state.to_partial(self.engine.module, self.device))
+            if self.fault is not None and step < steps:  # after the last, once the epoch's checkpoint is saved
                 self.fault.check(epoch, step, self.rank, self.spec.run_dir)
             shown.advance()
             tick = time.perf_counter()
-            stats.compute_time += tick - loaded
         shown.close()
         tick = time.perf_counter()
         totals = sums.read()  # waits for the device to finish the epoch's last steps: compute time
@@ -432,13 +562,16 @@ class Worker:
                 skipped[0] += int(batch["skipped"])
                 yield batch
 
-        with self.autocast():
+        with autocast(self.cfg, self.device):
             pred = collect(self.engine.module, counted(self._loader(self.val_set, False, epoch)), self.device)
         parts = sync.gather_object(pred)
         total_skipped = sum(sync.all_gather_object(skipped[0]))
         return (Predictions.concat(parts).dedupe() if parts is not None else None), total_skipped
 
-    def epoch_line(self, epoch: int, ranks: list[EpochStats], end: sync.EpochEnd, val: Predictions, val_skipped: int) -> dict:
+    def epoch_line(
+        self, epoch: int, ranks: list[EpochStats], end: sync.EpochEnd, val: Predictions, val_skipped: int,
+        model_digests: list[str],
+    ) -> dict:
         """The metrics of one epoch, as reported and written to metrics.jsonl (rank 0)."""
         samples = sum(s.samples for s in ranks)
         wall = [s.data_time + s.compute_time for s in ranks]
@@ -466,58 +599,87 @@ class Worker:
             "table_size": len(self.table),
             "table_digest": end.digests[0],
             "table_digests": end.digests,
+            "model_digests": model_digests,  # every rank's weights and buffers as validated and saved: all equal
             "images_per_s": samples / max(wall),
             "images_per_s_per_worker": [s.samples / w for s, w in zip(ranks, wall)],
             "data_time_s": [s.data_time for s in ranks],
             "compute_time_s": [s.compute_time for s in ranks],
         }
-        if self.labels is not None:
+        if self.labels.truth is not None:
             line["audit"] = self.table.audit_rows(self.labels.truth, self.labels.given, self.spec.classes)
         if self.resumed_from is not None and epoch == self.first_epoch:
             line["resumed_from"] = self.resumed_from
         return line
 
-    def save_and_report(self, epoch: int, line: dict | None) -> None:
-        """Every rank writes its part of the checkpoint and reports it; Ray merges the parts into one directory."""
+    def save_and_report(self, epoch: int, line: dict | None, step: int | None = None, partial: dict | None = None) -> None:
+        """Every rank writes its part of the checkpoint (after epoch `epoch`, or after `step` of its steps
+        with this rank's `partial` state) and reports it; Ray merges the parts into one directory.
+
+        Each rank's report returns once its files are copied into the run; after the last rank's,
+        rank 0 marks the directory complete (checkpoint.mark_complete), the mark that
+        `latest_checkpoint` (a resume, a new start's checks, evaluate, reports) requires of a
+        checkpoint, and every rank waits for the mark: a kill from then on resumes from it.
+        """
         directory = tempfile.mkdtemp(prefix=f"scn-ckpt-e{epoch}-r{self.rank}-")
+        if step is not None:
+            reported = {"epoch": epoch, "step": step, "checkpoint_score": MID_EPOCH_SCORE}
+        elif line is None:  # ranks other than 0: Ray reads rank 0's metrics
+            reported = {"epoch": epoch}
+        else:
+            reported = {**{k: line[k] for k in REPORTED if k in line}, "checkpoint_score": line["val_accuracy"]}
         try:
             checkpoint.save(
                 directory, self.engine, epoch=epoch, table=self.table, cfg=self.cfg, classes=self.spec.classes,
-                rank=self.rank, world_size=self.world,
+                rank=self.rank, world_size=self.world, step=step, partial=partial,
             )
             ray.train.report(
-                {"epoch": epoch} if line is None else {k: line[k] for k in REPORTED if k in line},
+                reported,
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=checkpoint.checkpoint_dir_name(epoch),
+                checkpoint_dir_name=checkpoint.checkpoint_dir_name(epoch, step),
             )
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+        sync.barrier()
+        if self.rank == 0:
+            checkpoint.mark_complete(join(self.spec.run_dir, checkpoint.checkpoint_dir_name(epoch, step)))
+            if self._unregistered is not None:  # superseded now: nothing would ever remove it
+                remove(self._unregistered, recursive=True)
+                self._unregistered = None
+        sync.barrier()
 
     def run(self) -> None:
         metrics_file = checkpoint.MetricsFile(self.spec.run_dir, self.first_epoch) if self.rank == 0 else None
         tracker = None
         if self.rank == 0:
-            tracker = tracking.open_tracker(self.cfg, self.spec.run_dir, metrics_file.lines, self.first_epoch)
+            tracker = tracking.open_tracker(self.cfg, self.spec.run_dir, metrics_file.lines, self.first_epoch, self.start_step)
         finished = False
         try:
             for epoch in range(self.first_epoch, self.cfg.epochs + 1):
-                self.run_epoch(epoch, metrics_file, tracker)
+                resumed = epoch == self.first_epoch
+                self.run_epoch(epoch, metrics_file, tracker, self.start_step if resumed else 0, self.partial if resumed else None)
             finished = True
         finally:
             if tracker is not None:
                 tracker.close(finished)
 
-    def run_epoch(self, epoch: int, metrics_file: checkpoint.MetricsFile | None, tracker: tracking.RunTracker | None) -> None:
-        """Train, merge the relabels, validate, record (rank 0: `metrics_file`, `tracker`) and checkpoint one epoch."""
-        stats, samples = self.train_epoch(epoch, tracker)
-        end = sync.end_epoch(self.table, samples, None if self.labels is None else self.labels.noisy, self.cfg.scn.relabel_confirm)
+    def run_epoch(
+        self, epoch: int, metrics_file: checkpoint.MetricsFile | None, tracker: tracking.RunTracker | None,
+        start_step: int = 0, partial: dict | None = None,
+    ) -> None:
+        """Train (from `start_step`, with `partial`: a mid-epoch resume), merge the relabels, validate, record
+        (rank 0: `metrics_file`, `tracker`) and checkpoint one epoch."""
+        stats, samples = self.train_epoch(epoch, tracker, start_step, partial)
+        end = sync.end_epoch(self.table, samples, self.labels.noisy, self.cfg.scn.relabel_confirm)
         # Per-sample alpha (for galleries and audits) goes from each rank to its own file, never through rank 0.
         metrics.write_alpha_part(self.spec.run_dir, epoch, self.rank, self.index.keys_at(end.rows), end.sample_alpha)
+        # Validated and saved: one model on every rank (BatchNorm's statistics averaged), proven by its digests.
+        sync.average_buffers(self.engine.module)
+        model_digests = sync.all_gather_object(sync.module_digest(self.engine.module))
         val, val_skipped = self.validate(epoch)
         ranks = sync.all_gather_object(stats)
         line = None
         if self.rank == 0:
-            line = self.epoch_line(epoch, ranks, end, val, val_skipped)
+            line = self.epoch_line(epoch, ranks, end, val, val_skipped, model_digests)
             write_epoch_predictions(self.spec.run_dir, epoch, val, self.spec.classes)
             metrics_file.append(line)
             if tracker is not None:
@@ -528,11 +690,35 @@ class Worker:
                 line["relabels_total"], line["images_per_s"],
             )
         self.save_and_report(epoch, line)
+        if self.fault is not None:
+            self.fault.check(epoch, stats.steps, self.rank, self.spec.run_dir)
+
+
+class _QuietRayTrain(logging.Filter):
+    """Drops Ray Train's own INFO lines in a worker: two per rank at every report ("Reporting training
+    result N: TrainingReport(...)" with the whole metrics dict, "Checkpoint successfully created at"),
+    which would outnumber rank 0's progress lines. By source file: Ray names some of these loggers by
+    their file's path, out of reach of its own `LoggingConfig` (which filters the `ray.train` names)."""
+
+    root = os.path.dirname(ray.train.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.root)
 
 
 def _configure_logging(level: int | None, rank: int) -> None:
-    """The CLI's choice, applied in the worker process it cannot reach: rank 0 prints scn_scale's logs."""
-    if level is None or rank != 0:
+    """The CLI's choice, applied in the worker process it cannot reach: rank 0 prints scn_scale's logs,
+    no rank Ray Train's per-report lines (kept at --log-level DEBUG)."""
+    if level is None:
+        return
+    if level > logging.DEBUG:
+        for handler in (*logging.getLogger().handlers, *logging.getLogger("ray.train").handlers):
+            handler.addFilter(_QuietRayTrain())
+        # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.14 deprecates: once per
+        # process, at a moment that varies, a warning no user of this trainer can act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                                category=FutureWarning)
+    if rank != 0:
         return
     logger = logging.getLogger("scn_scale")
     if not logger.handlers:

@@ -15,16 +15,14 @@ the synthetic faces), the second protocol of bench/noise_robustness.py.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from shards.atomic import write_parquet
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
-from shards.fs import join, read_json
+from shards.fs import is_dir, join, read_json, read_parquet
 from shards.manifest import read_manifest
 from shards.writer import STATS_NAME
 
@@ -80,13 +78,13 @@ def save_overrides(table: pa.Table, path: str) -> None:
 
 def load_overrides(path: str) -> dict[str, int]:
     """key -> the label to train on, for the overridden samples only."""
-    data = pq.read_table(path, columns=["key", "label"]).to_pydict()
+    data = read_parquet(path, columns=["key", "label"]).to_pydict()
     return dict(zip(data["key"], data["label"]))
 
 
 def load_ground_truth(path: str) -> dict[str, int]:
     """key -> the true label, for the overridden samples only (the others' truth is their manifest label)."""
-    data = pq.read_table(path, columns=["key", "true_label"]).to_pydict()
+    data = read_parquet(path, columns=["key", "true_label"]).to_pydict()
     return dict(zip(data["key"], data["true_label"]))
 
 
@@ -102,14 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shards", required=True, help="shard set directory or URL (its manifest is read)")
     parser.add_argument("--rate", type=float, required=True, help="share of samples to corrupt, e.g. 0.3")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="override table to write (parquet)")
+    parser.add_argument("--out", required=True, help="override table to write (parquet; a path or an object-store URL)")
     add_log_level(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
     try:
         if not 0.0 <= args.rate <= 1.0:
             raise ValueError(f"--rate must be in [0, 1], got {args.rate}")
-        if Path(args.out).is_dir():
+        if is_dir(args.out):
             raise ValueError(f"--out {args.out} is a directory; name the parquet file to write")
         classes = _read_classes(args.shards)
         manifest = read_manifest(args.shards, columns=["key", "label"]).to_pydict()

@@ -31,9 +31,12 @@ def mode(show: bool, terminal: bool, rank: int) -> Mode:
 class EpochProgress:
     """One epoch's progress: `advance` every step, `report` at every read of the running sums."""
 
-    def __init__(self, how: Mode, epoch: int, steps: int) -> None:
+    def __init__(self, how: Mode, epoch: int, steps: int, done: int = 0) -> None:
+        """`done`: steps trained before this start (an epoch resumed mid-way)."""
         self.how, self.epoch, self.steps = how, epoch, steps
         self.bar = tqdm_ray.tqdm(total=steps, desc=f"epoch {epoch}", unit="step") if how == "bar" else None
+        if self.bar is not None and done:
+            self.bar.update(done)
 
     def advance(self) -> None:
         if self.bar is not None:

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from scn_scale import gallery, tracking
 from scn_scale.checkpoint import (
     CLASSES_FILE,
+    COMPLETE_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     STATE_FILE,
@@ -42,7 +43,7 @@ from scn_scale.relabel_table import RelabelTable
 from scn_scale.report_html import write_html
 from shards.atomic import write_bytes, write_text
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
-from shards.fs import join, open_fs
+from shards.fs import join, local_dir, open_fs, read_parquet
 from shards.manifest import read_manifest
 
 REPORT_MD = "report.md"
@@ -300,7 +301,7 @@ def _training_labels(train_shards: str, label_overrides: str, keys: Sequence[str
     labels = dict(zip(rows["key"], rows["label"]))
     truth = None
     if label_overrides:
-        if "true_label" in pq.read_schema(label_overrides).names:
+        if "true_label" in read_parquet(label_overrides).column_names:
             truth = {**labels, **{k: v for k, v in load_ground_truth(label_overrides).items() if k in labels}}
         labels.update((k, v) for k, v in load_overrides(label_overrides).items() if k in labels)
     return labels, truth
@@ -312,7 +313,7 @@ def write_run_report(run: str, out: Path, n: int = 16) -> Path:
     run's curves from its TensorBoard event files."""
     checkpoint_dir = latest_checkpoint(run)
     if checkpoint_dir is None:
-        raise CheckpointError(f"{run}: no finished checkpoint (checkpoint_epoch_NNNN/{STATE_FILE})")
+        raise CheckpointError(f"{run}: no complete checkpoint (checkpoint_epoch_NNNN/ with its {COMPLETE_FILE})")
     epoch = json.loads(_read_text(join(checkpoint_dir, STATE_FILE)))["epoch"]
     cfg = yaml.safe_load(_read_text(join(checkpoint_dir, CONFIG_FILE)))
     classes = json.loads(_read_text(join(checkpoint_dir, CLASSES_FILE)))
@@ -520,29 +521,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Report of a training run (its run directory) or of a crawl (its output directory): "
                     "contact sheets, plots, report.md and a self-contained report.html.")
     parser.add_argument("dir", help="a training run directory (out_dir/run_name) or a crawl's --out directory")
-    parser.add_argument("--out", default="", help=f"report directory (default: DIR/{REPORT_DIR})")
+    parser.add_argument("--out", default="",
+                        help=f"report directory or object-store URL (default: DIR/{REPORT_DIR})")
     parser.add_argument("--samples", type=int, default=16, help="samples per sheet (per class for a crawl)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a crawl's per-class samples")
     add_log_level(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     directory = args.dir.rstrip("/")
-    out = Path(args.out) if args.out else None
+    out = args.out or join(directory, REPORT_DIR)
     try:
         fs, path = open_fs(directory)
-        if out is None and "file" not in fs.protocol:
-            raise ValueError(f"{directory} is not a local directory: name a local report directory with --out")
-        out = out or Path(path) / REPORT_DIR
-        if fs.isfile(join(path, CRAWL_SUMMARY)):
-            page = write_crawl_report(directory, out, per_class=args.samples, pairs=args.samples, seed=args.seed)
-        elif fs.isfile(join(path, METRICS_FILE)) or latest_checkpoint(directory) is not None:
-            page = write_run_report(directory, out, n=args.samples)
-        else:
+        open_fs(out)  # a --out that cannot be opened is refused before any work
+        crawl = fs.isfile(join(path, CRAWL_SUMMARY))
+        if not crawl and not fs.isfile(join(path, METRICS_FILE)) and latest_checkpoint(directory) is None:
             raise ValueError(f"{directory}: neither a training run ({METRICS_FILE}, checkpoint_epoch_NNNN/) "
                              f"nor a crawl ({CRAWL_SUMMARY})")
+        with local_dir(out) as local:
+            page = (write_crawl_report(directory, local, per_class=args.samples, pairs=args.samples, seed=args.seed)
+                    if crawl else write_run_report(directory, local, n=args.samples))
     except (ValueError, OSError, CheckpointError) as exc:
         return bad_input(exc)
-    print(f"report written to {page} and {page.with_suffix('.html')}")
+    print(f"report written to {join(out, page.name)} and {join(out, page.with_suffix('.html').name)}")
     return 0
 
 

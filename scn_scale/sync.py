@@ -16,13 +16,14 @@ per-sample alpha stays on its rank, which writes it to its own parquet part.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from scn_scale.metrics import AlphaHistogram
 from scn_scale.relabel import BatchProposals, ProposalRows
@@ -57,6 +58,12 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if _distributed():
+        dist.barrier()
+
+
 def gather_object(obj: T) -> list[T] | None:
     """Every rank's `obj` in rank order on rank 0 (None elsewhere): for payloads only rank 0 reads."""
     if not _distributed():
@@ -84,6 +91,42 @@ def gather_alpha(alpha: Tensor) -> tuple[Tensor, int]:
     dist.all_gather(parts, alpha.detach().contiguous())
     parts[rank] = alpha
     return torch.cat(parts), rank * alpha.shape[0]
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Give every rank the mean of the ranks' floating-point buffers (BatchNorm's running mean and
+    variance); integer buffers (BatchNorm's batch counter) come from rank 0. Collective.
+
+    DeepSpeed keeps parameters equal across ranks but not buffers: each rank's running
+    statistics follow its own batches, so without this every rank would validate a slightly
+    different model, none of them the saved one. Averaging, rather than broadcasting rank 0's,
+    keeps what every rank saw (each holds an average over 1/world of the data); the variance so
+    averaged leaves out the spread of the ranks' means, which is small when every rank's batches
+    mix the whole set (shards.reader). timm's `distribute_bn` (reduce=True) does the same.
+    One all-reduce of all buffers at once: ResNet-18 has 9,600 floats of them.
+    """
+    if not _distributed():
+        return
+    world = dist.get_world_size()
+    floats = [b for b in module.buffers() if b.is_floating_point()]
+    others = [b for b in module.buffers() if not b.is_floating_point()]
+    if floats:
+        flat = torch.cat([b.detach().double().flatten() for b in floats])  # float64: the mean of equal values is exact
+        dist.all_reduce(flat)
+        flat /= world
+        for b, part in zip(floats, flat.split([b.numel() for b in floats])):
+            b.copy_(part.view_as(b))
+    for b in others:
+        dist.broadcast(b, src=0)
+
+
+def module_digest(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of `module`, in state-dict order: equal digests, equal models."""
+    h = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def check_digests(table: RelabelTable) -> list[str]:
@@ -178,6 +221,27 @@ class EpochSamples:
             self._proposal_rows.append(rows)
             p = proposals
             self._proposals.append((p.fire, p.old_label.to(torch.int16), p.new_label.to(torch.int16), p.margin))
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        """Everything recorded so far as host tensors (one copy back from the device): a mid-epoch checkpoint's part."""
+        rows = torch.from_numpy(np.concatenate(self._rows)) if self._rows else torch.empty(0, dtype=torch.int64)
+        alpha = torch.cat(self._alpha).cpu() if self._alpha else torch.empty(0)
+        state: dict[str, Tensor | int] = {"epoch": self.epoch, "rows": rows, "alpha": alpha}
+        if self._proposals:
+            fire, old, new, margin = (torch.cat(column).cpu() for column in zip(*self._proposals))
+            state.update(proposal_rows=torch.from_numpy(np.concatenate(self._proposal_rows)), fire=fire, old=old, new=new, margin=margin)
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> EpochSamples:
+        """The record `state_dict` gave, on `device`, to go on adding to."""
+        samples = cls(int(state["epoch"]))
+        if len(state["rows"]):
+            samples._rows, samples._alpha = [state["rows"].numpy()], [state["alpha"].to(device)]
+        if "fire" in state:
+            samples._proposal_rows = [state["proposal_rows"].numpy()]
+            samples._proposals = [tuple(state[k].to(device) for k in ("fire", "old", "new", "margin"))]
+        return samples
 
     def last_visits(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, alpha) of every sample trained this epoch, each once: its alpha at its last visit."""

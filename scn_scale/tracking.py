@@ -232,15 +232,18 @@ def check(cfg: TrainConfig) -> None:
         _import_mlflow()
 
 
-def open_tracker(cfg: TrainConfig, run_dir: str, earlier: list[Mapping], first_epoch: int) -> RunTracker | None:
+def open_tracker(
+    cfg: TrainConfig, run_dir: str, earlier: list[Mapping], first_epoch: int, start_step: int = 0
+) -> RunTracker | None:
     """Rank 0's tracker for `cfg.tracking` (None for "none"); `earlier` are the metrics lines of the
-    epochs before `first_epoch`, whose steps the global step continues from."""
+    epochs before `first_epoch`, whose steps the global step continues from, and `start_step` the
+    steps of `first_epoch` already trained (a mid-epoch resume): what was logged after them is purged."""
     if cfg.tracking == "none":
         return None
     done = sum(line["steps_per_rank"] for line in earlier)
     if cfg.tracking == "mlflow":
         return RunTracker(MLflowSink(cfg, run_dir), done)
-    return RunTracker(TensorBoardSink(run_dir, done + 1, first_epoch), done)
+    return RunTracker(TensorBoardSink(run_dir, done + start_step + 1, first_epoch), done)
 
 
 def read_scalars(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:

@@ -120,20 +120,21 @@ def prepare(cfg: TrainConfig) -> tuple[dict, tuple[str, ...]]:
     if cfg.init:
         _check_init(cfg, train_set.classes)
     try:
-        checkpoint.check_resume(cfg, checkpoint.run_dir(cfg.out_dir, cfg.run_name))
+        checkpoint.check_resume(cfg, checkpoint.run_dir(cfg.out_dir, cfg.run_name), ds.get("zero_optimization", {}).get("stage", 0))
     except checkpoint.CheckpointError as e:
         raise ConfigError(str(e)) from e
     return ds, train_set.classes
 
 
 def checkpoint_config(cfg: TrainConfig) -> CheckpointConfig:
-    """Ray Train keeps the latest checkpoint and the `keep_checkpoints` best by val_accuracy (0: every one).
+    """Ray Train keeps the latest checkpoint and the `keep_checkpoints` best by val_accuracy (0: every one),
+    through the reported `checkpoint_score`: an epoch's val_accuracy, below any for a mid-epoch checkpoint.
 
     Ray records the run's checkpoints and refuses to resume a run whose record names a
     deleted one, so retention is left to it rather than done beside it. What it can express
     is "the k best, and always the latest" (ranked by rank 0's reported metrics), not "the last k".
     """
-    return CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None, checkpoint_score_attribute="val_accuracy",
+    return CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None, checkpoint_score_attribute="checkpoint_score",
                             checkpoint_score_order="max")
 
 
@@ -146,6 +147,20 @@ def _check_address(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
         raise ConfigError(f"address {address}: no Ray cluster answers there ({e})") from e
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _connect(address: str) -> bool:
@@ -162,7 +177,13 @@ def _connect(address: str) -> bool:
         # Ray's state API: without it, Ray Train's PlacementGroupCleaner fails to query the
         # controller every second and logs "Failed to query Ray Train Controller actor state"
         # each time (ray/train/v2/_internal/execution/controller/placement_group_cleaner.py).
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address=LOCAL_NODE_IP)
+        # Ray Train's cleaner finds the state API by the local Ray instances when told nothing, and
+        # with another instance on the machine fails with "Found multiple active Ray instances" (a
+        # traceback, and a cleaner gone); told the API server's address, it asks this cluster's.
+        (port,) = free_ports(1)
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 _node_ip_address=LOCAL_NODE_IP,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     return True
 
 

@@ -25,7 +25,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import fsspec
 import safetensors.torch
@@ -80,20 +80,17 @@ def save_model_file(
     model: SCNModel,
     classes: Sequence[str],
     extra: dict | None = None,
-    tensors: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Write the plain model file: loadable with weights_only=True, without DeepSpeed or Ray.
 
     A path ending in `.safetensors` gets a safetensors file (no pickle at all; `extra` must
     then be JSON); any other path a torch.save file, whose `extra` may hold plain types
-    (numbers, strings, lists, dicts, tensors). `tensors` replace the model's own by name (a
-    bf16 engine's fp32 master weights). Floating-point tensors are stored in fp32 whatever
+    (numbers, strings, lists, dicts, tensors). Floating-point tensors are stored in fp32 whatever
     precision trained them, contiguous whatever memory format trained them.
     """
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
-    state = {**model.state_dict(), **(tensors or {})}
-    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
+    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fields = {"backbone": model.backbone_name, "classes": list(classes), "extra": dict(extra or {})}
     with atomic_path(path) as tmp:
         if str(path).endswith(SAFETENSORS):

@@ -2,7 +2,9 @@
 
 Everything the project persists (shards, manifests, stats, relabel tables, reports,
 checkpoints) goes through these helpers so that "the file exists" always means
-"the file is complete".
+"the file is complete". A destination may be an object-store URL (`shards.fs`): the
+bytes are then written to a local temporary file and uploaded when complete;
+an object store shows an object only once its upload completed, so the same holds there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from shards.fs import is_local, names, open_fs
 
 
 def _fsync(path: Path) -> None:
@@ -33,7 +37,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     rename and the rename is fsynced after, so a power loss cannot leave an empty file
     under the final name.
     """
-    path = Path(path)
+    fs, fs_path = open_fs(str(path))
+    if not is_local(fs):
+        with _uploaded(fs, fs_path) as tmp:
+            yield tmp
+        return
+    path = Path(fs_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -47,6 +56,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def _uploaded(fs: Any, path: str) -> Iterator[Path]:
+    """A local temporary file, uploaded to `path` on `fs` if the block succeeds (a store shows no half-uploaded object)."""
+    with tempfile.TemporaryDirectory(prefix=".upload-") as tmp_dir:
+        tmp = Path(tmp_dir) / path.rsplit("/", 1)[-1]
+        yield tmp
+        fs.put_file(str(tmp), path)
 
 
 @contextlib.contextmanager
@@ -84,9 +102,15 @@ def is_temp(path: str | os.PathLike) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
-def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete what interrupted atomic writes left in `directory` (none of it is ever read); returns the paths."""
-    leftovers = [p for p in Path(directory).glob("*") if is_temp(p)]
+def remove_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete what interrupted atomic writes left in `directory` (none of it is ever read); returns the paths.
+
+    Only local directories have any: a write to an object store stages its bytes on the writer's disk.
+    """
+    fs, root = open_fs(str(directory))
+    if not is_local(fs):
+        return []
+    leftovers = [os.path.join(root, name) for name in names(str(directory), ".*.tmp")]
     for path in leftovers:
-        path.unlink()
+        os.unlink(path)
     return leftovers

@@ -26,6 +26,7 @@ skipped before any decoder sees it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -37,13 +38,18 @@ from itertools import islice
 from typing import Any, Callable, Iterator, Mapping
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 import webdataset as wds
 from PIL import Image
 from webdataset.filters import default_collation_fn
 from webdataset.pytorch import DataLoader, IterableDataset
 
 from shards.fs import join, open_fs, to_url
+from shards.manifest import read_manifest
 from shards.pixels import DEFAULT_MAX_PIXELS, image_size
 from shards.sample import IMAGE_EXTENSIONS
 from shards.tario import iter_members, name_at
@@ -213,6 +219,12 @@ def _image_of(sample: Mapping[str, Any]) -> bytes:
     raise KeyError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
 
 
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts` (e.g. seed, epoch, rank), the same in every process: Python's hash() is not."""
+    text = ":".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % 2**63
+
+
 class _Skips:
     """What one loader worker dropped as unreadable in one epoch, each thing counted once.
 
@@ -253,7 +265,12 @@ class ShardStream(IterableDataset):
     -1 for a sample the manifest does not place where the tar has it) and `skipped`
     (samples this worker dropped as unreadable since its previous batch). Training
     streams mix with `interleave` pieces at once and a `shuffle_buffer` of samples;
-    evaluation leaves both at 1 and 0 and reads each piece in order.
+    evaluation leaves both at 1 and 0 and reads each piece in order. `balanced` draws every
+    class equally often by the label training uses: `labels` (that of each manifest row, e.g.
+    after a relabel table, which changes between epochs: pass the current one each epoch), else
+    the manifest's labels with `overrides`. `start_batch` resumes the epoch there: the rank's
+    first `start_batch` batches are passed over, and every later one is the batch an
+    uninterrupted epoch would give (`__iter__`).
     """
 
     def __init__(
@@ -272,8 +289,11 @@ class ShardStream(IterableDataset):
         interleave: int = 1,
         balanced: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        labels: np.ndarray | None = None,
+        start_batch: int = 0,
     ) -> None:
         self.shard_set = shard_set
+        self.start_batch = start_batch
         self.max_pixels = max_pixels
         self.rank, self.world_size = rank, world_size
         self.loader_workers = loader_workers  # 0: read in the training process itself
@@ -286,13 +306,30 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.interleave = max(1, interleave)
         # Class-balanced sampling for a stream: keep a sample of class c with probability
-        # min_count / count[c], so every class arrives equally often (the AffectNet recipe).
-        counts = [c for c in shard_set.class_counts if c > 0]
-        self.keep_prob = (
-            [min(counts) / c if c else 0.0 for c in shard_set.class_counts] if balanced and counts else None
-        )
+        # min_count / count[c], so every class arrives equally often (the AffectNet recipe). By the
+        # label training uses, not the one the shard holds: `labels` when the caller's labels
+        # change (a relabel table), else the manifest's with the overrides.
+        self.labels = None
+        self.keep_prob = None
+        if balanced:
+            self.labels = np.asarray(labels) if labels is not None else self._manifest_labels()
+            counts = np.bincount(self.labels, minlength=len(shard_set.classes))
+            least = counts[counts > 0].min() if counts.any() else 0
+            self.keep_prob = [least / c if c else 0.0 for c in counts.tolist()]
         self.epoch = 1
         self.plan()  # validate the set against the readers before any worker starts
+
+    def _manifest_labels(self) -> np.ndarray:
+        """The label of every manifest row as trained on without a relabel table: the manifest's, overridden."""
+        manifest = read_manifest(self.shard_set.url, columns=["key", "label"])
+        labels = manifest.column("label").to_numpy().astype(np.int64)
+        if self.overrides:
+            keys = pa.array(list(self.overrides), pa.string())
+            found = pc.index_in(keys, value_set=manifest.column("key").combine_chunks())
+            placed = found.is_valid().to_numpy(zero_copy_only=False)
+            rows = found.fill_null(0).to_numpy()
+            labels[rows[placed]] = np.fromiter(self.overrides.values(), np.int64, len(self.overrides))[placed]
+        return labels
 
     def set_epoch(self, epoch: int) -> None:
         """Workers are re-created each epoch and read this; webdataset's own counters would not advance."""
@@ -385,7 +422,9 @@ class ShardStream(IterableDataset):
         if self.keep_prob is None:
             return True
         try:
-            return rng.random() < self.keep_prob[int(raw["cls"])]
+            row = raw["__row__"]
+            label = int(self.labels[row]) if row >= 0 else self.overrides.get(raw["__key__"], int(raw["cls"]))
+            return rng.random() < self.keep_prob[label]
         except (KeyError, ValueError, IndexError, TypeError):
             return True  # malformed: decoding will count it as skipped
 
@@ -399,29 +438,66 @@ class ShardStream(IterableDataset):
         image_size(data, self.max_pixels)  # raises over the cap: skipped and counted, never decoded
         return {"image": self.transform(self.decode(data)), "label": label, "key": key, "row": raw["__row__"]}
 
+    def _check(self, raw: Mapping[str, Any]) -> None:
+        """What `_decode` would refuse, without the transform: how a passed-over batch finds the samples
+        it would have dropped, so that the batches after it hold the same samples."""
+        if not 0 <= int(raw["cls"]) < len(self.shard_set.classes):
+            raise ValueError(f"class index {raw['cls']} is outside the set's {len(self.shard_set.classes)} classes")
+        data = _image_of(raw)
+        image_size(data, self.max_pixels)
+        self.decode(data)
+
+    def _reader(self) -> int:
+        """Which of the rank's planned readers this loader worker is. The loader takes its batches from
+        its workers in turn, starting with worker 0, and an uninterrupted epoch's batch i comes from
+        reader i % readers; so a loader resumed at `start_batch` starts with that batch's reader."""
+        return (self._worker() + self.start_batch) % self.readers
+
+    def _passed_over(self, reader: int) -> int:
+        """How many of this reader's batches come before the rank's `start_batch`."""
+        return len(range(reader, self.start_batch, self.readers))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """This worker's batches of the epoch, from the rank's `start_batch` on (a resume mid-epoch).
+
+        Each batch's augmentation draws from a torch seed of its own, (seed, epoch, rank, worker,
+        batch), inside `torch.random.fork_rng`, so the training process's generator (dropout) is not
+        touched when the loader runs in it, and a batch is the same whether the batches before it
+        were augmented or passed over. Passing over reads, shuffles, draws and decodes as training
+        would (the shuffle and the balanced draw depend on what came before; a sample that fails
+        to decode is left out of its batch), but neither augments nor collates.
+        """
         plan = self.plan()
-        worker = self._worker()
+        worker = self._reader()
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         skips = _Skips()
-        batch: list[dict[str, Any]] = []
-        produced = 0
-        for raw in self._raw_samples(plan.assignments[self.rank][worker], skips, rng):
+        raws = self._raw_samples(plan.assignments[self.rank][worker], skips, rng)
+        passed_over = self._passed_over(worker)
+        for produced in range(plan.batches_per_worker):
+            if produced < passed_over:
+                self._fill(raws, rng, skips, self._check)
+                if produced + 1 == passed_over:
+                    skips.take()  # counted by the attempt that trained those batches
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, self.epoch, self.rank, worker, produced))
+                batch = self._fill(raws, rng, skips, self._decode)
+            out = default_collation_fn(batch, combine_scalars=True)
+            out["skipped"] = skips.take()
+            yield out
+
+    def _fill(self, raws: Iterator[dict[str, Any]], rng: random.Random, skips: _Skips, decode: Callable[[Mapping[str, Any]], Any]) -> list:
+        """One batch: `decode` of the next `batch_size` samples the balanced draw keeps and that decode."""
+        batch: list = []
+        while len(batch) < self.batch_size:
+            raw = next(raws)
             if not self._keep(raw, rng):
                 continue
             try:
-                batch.append(self._decode(raw))
+                batch.append(decode(raw))
             except Exception as exc:  # a corrupt sample costs itself, not the run
                 skips.add(raw["__key__"], f"skipping sample {raw['__key__']} from {raw.get('__url__')}: {exc}")
-                continue
-            if len(batch) == self.batch_size:
-                out = default_collation_fn(batch, combine_scalars=True)
-                out["skipped"] = skips.take()
-                yield out
-                batch = []
-                produced += 1
-                if produced == plan.batches_per_worker:
-                    return
+        return batch
 
 
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:

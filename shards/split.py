@@ -13,7 +13,11 @@ Groups are dealt in a seeded random order, each to the split furthest below its 
 Each split is written with `ShardWriter` in a seeded random order (recorded as
 `shuffle_seed` in its stats.json), every manifest field kept. The splits are written
 into a hidden staging directory inside DIR and renamed into place only when all are
-complete; an output that already exists is refused.
+complete; an output that already exists is refused. DIR may be an object-store URL
+(`shards.fs`), where nothing renames: the splits are staged on local disk and uploaded
+when all are complete, each split's `stats.json` last, so a reader never takes a
+half-uploaded split for a set (an upload cut short leaves a split without one, which a
+rerun refuses as existing: remove it first).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tqdm import tqdm
 
 from shards.atomic import write_json
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
+from shards.fs import UnknownScheme, exists, is_file, is_local, join, open_fs, upload
 from shards.lock import OutputLock, OutputLocked
 from shards.manifest import read_manifest
 from shards.phash import BandIndex, hashes
@@ -286,10 +291,19 @@ def _rows(table: pa.Table) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _check_outputs(out: Path, names: Sequence[str]) -> None:
+def _check_outputs(out: str, names: Sequence[str]) -> None:
     for name in names:
-        if (out / name).exists():
-            raise SplitError(f"{out / name} already exists; remove it or choose another --out")
+        if exists(join(out, name)):
+            raise SplitError(f"{join(out, name)} already exists; remove it or choose another --out")
+
+
+def _publish(staged: Path, out: str) -> None:
+    """Move a finished split from local staging to `out`: a rename on this disk, else an upload with stats.json last."""
+    fs, path = open_fs(out)
+    if is_local(fs):
+        os.rename(staged, path)
+    else:
+        upload(staged, out)
 
 
 def _write_split(name: str, rows: Iterator[dict[str, Any]], places: Sequence[int], urls: dict[str, str],
@@ -307,7 +321,7 @@ def split_shard_set(src: str, out: str | os.PathLike, config: SplitConfig | None
     """Split the shard set at `src` (a directory or fsspec URL) into `out/<split>` shard sets."""
     config = config or SplitConfig()
     config.validate()
-    out = Path(out)
+    out = str(out)
     names = list(config.fractions)
     _check_outputs(out, names)
     try:
@@ -337,8 +351,9 @@ def split_shard_set(src: str, out: str | os.PathLike, config: SplitConfig | None
         place.append(seen[row["shard"]])
         seen[row["shard"]] += 1
     urls = {u.rsplit("/", 1)[-1]: u for u in shard_set.shards}
-    with OutputLock(out):  # one split at a time into `out`
-        staging = Path(tempfile.mkdtemp(prefix=".split-", dir=out))
+    with OutputLock(out) as lock:  # one split at a time into `out`
+        # Staged beside the outputs on a local disk (one rename each), on local disk for a store.
+        staging = Path(tempfile.mkdtemp(prefix=".split-", dir=open_fs(out)[1] if lock.local else None))
         shards = _OpenShards()
         try:
             for name, order in members.items():
@@ -347,19 +362,20 @@ def split_shard_set(src: str, out: str | os.PathLike, config: SplitConfig | None
                              staging / name, result.classes, config)
             _check_outputs(out, names)  # nobody wrote them meanwhile
             for name in names:
-                os.rename(staging / name, out / name)
-                result.outputs[name] = str(out / name)
+                _publish(staging / name, join(out, name))
+                result.outputs[name] = join(out, name)
         finally:
             shards.close()
             shutil.rmtree(staging, ignore_errors=True)
-        write_json(out / SUMMARY_NAME, result.to_dict())
+        write_json(join(out, SUMMARY_NAME), result.to_dict())
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m shards.split", description=__doc__.splitlines()[0])
     parser.add_argument("src", help="the shard set to split (a directory or an fsspec URL)")
-    parser.add_argument("--out", required=True, help="directory that receives one shard set per split (DIR/train, ...)")
+    parser.add_argument("--out", required=True,
+                        help="directory or object-store URL that receives one shard set per split (DIR/train, ...)")
     parser.add_argument("--fractions", default="train=0.8,val=0.1,test=0.1",
                         help="split=fraction pairs summing to 1 (default train=0.8,val=0.1,test=0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the group deal and the write order (default 0)")
@@ -371,10 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")
     try:
         config = SplitConfig(parse_fractions(args.fractions), args.seed, args.max_distance, args.shard_size)
-        if Path(args.out).exists() and not Path(args.out).is_dir():
+        if is_file(args.out):
             raise SplitError(f"--out {args.out} exists and is not a directory")
         result = split_shard_set(args.src, args.out, config)
-    except (SplitError, OutputLocked) as exc:  # OutputLocked: another split writes --out
+    except (SplitError, OutputLocked, UnknownScheme) as exc:  # OutputLocked: another split writes --out
         return bad_input(exc)
     print(result.table())
     return 0

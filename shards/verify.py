@@ -1,5 +1,8 @@
 """`python -m shards.verify DIR`: check a shard set end to end before anyone trains on it.
 
+DIR is a directory or an object-store URL (`shards.fs`): the same checks read the bytes the
+trainer will read.
+
 Reads every tar with the standard library (independently of the training reader, so
 a reader bug cannot hide a data fault), and compares tars, manifest and sizes.
 Exits non-zero on any fault, naming the shard and the key. It also reports how well the
@@ -12,19 +15,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
-from shards.fs import read_json
+from shards.fs import exists, is_dir, join, names, open_fs, read_json, read_parquet
 from shards.manifest import MANIFEST_NAME
 from shards.mixing import LOADER_WORKERS, Mixing, describe, measure
 from shards.pixels import TooManyPixels, image_size
@@ -43,18 +44,20 @@ class Report:
     mixing: Mixing | None = None  # None when the set has faults or too few samples to simulate
 
 
-def _read_tar(path: Path, report: Report) -> dict[str, dict[str, bytes]]:
+def _read_tar(url: str, report: Report) -> dict[str, dict[str, bytes]]:
     """Members of one tar grouped by key (split at the first dot, as WebDataset does)."""
     groups: dict[str, dict[str, bytes]] = {}
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    fs, path = open_fs(url)
+    name = path.rsplit("/", 1)[-1]
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
         f.seek(max(0, size - 1024))
         ending = f.read()
     if size % 512 or ending != bytes(1024):
         # tarfile stops quietly at a cut between members; a complete tar ends with two zero blocks.
-        report.faults.append(f"{path.name}: truncated or unreadable tar (no end-of-archive marker)")
+        report.faults.append(f"{name}: truncated or unreadable tar (no end-of-archive marker)")
     try:
-        with tarfile.open(path, "r:") as tar:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -64,10 +67,10 @@ def _read_tar(path: Path, report: Report) -> dict[str, dict[str, bytes]]:
                     raise tarfile.ReadError(f"member {member.name} truncated")
                 members = groups.setdefault(key, {})
                 if ext in members:
-                    report.faults.append(f"{path.name}: duplicate key {key} within the shard ({member.name} twice)")
+                    report.faults.append(f"{name}: duplicate key {key} within the shard ({member.name} twice)")
                 members[ext] = data
     except (tarfile.TarError, OSError, EOFError) as exc:
-        report.faults.append(f"{path.name}: truncated or unreadable tar ({exc})")
+        report.faults.append(f"{name}: truncated or unreadable tar ({exc})")
     return groups
 
 
@@ -120,41 +123,41 @@ def _disagreements(checked: Checked, row: dict, shard: str) -> list[str]:
     return [f"{name} {row[name]!r} (the sample's: {value!r})" for name, value in found.items() if row[name] != value]
 
 
-def _set_files(root: Path) -> tuple[list[str], dict[str, int], list[dict]]:
+def _set_files(root: str) -> tuple[list[str], dict[str, int], list[dict]]:
     """The class list, shard sizes and manifest rows; ValueError naming the file that cannot be read as one.
 
     Without them nothing can be checked, so they are errors of the input, not faults of the set.
     """
-    stats, sizes = read_json(str(root / STATS_NAME)), read_json(str(root / SIZES_NAME))
+    stats, sizes = read_json(join(root, STATS_NAME)), read_json(join(root, SIZES_NAME))
     if not isinstance(stats, dict) or not isinstance(stats.get("classes"), list):
-        raise ValueError(f"{root / STATS_NAME}: holds no class list")
+        raise ValueError(f"{join(root, STATS_NAME)}: holds no class list")
     if not isinstance(sizes, dict) or not all(isinstance(n, int) for n in sizes.values()):
-        raise ValueError(f"{root / SIZES_NAME}: is not a mapping of shard names to sample counts")
+        raise ValueError(f"{join(root, SIZES_NAME)}: is not a mapping of shard names to sample counts")
     columns = ["key", "shard", "label", "split", "sha256", "width", "height"]
     try:
-        manifest = pq.read_table(root / MANIFEST_NAME, columns=columns).to_pylist()
+        manifest = read_parquet(join(root, MANIFEST_NAME), columns=columns).to_pylist()
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{root / MANIFEST_NAME}: not a readable manifest ({exc})") from exc
+        raise ValueError(f"{join(root, MANIFEST_NAME)}: not a readable manifest ({exc})") from exc
     return stats["classes"], sizes, manifest
 
 
-def verify(root: str | Path) -> Report:
-    """Check the set at the directory `root`; its faults are in the report. ValueError when `root` is no
+def verify(root: str | os.PathLike) -> Report:
+    """Check the set at the directory or URL `root`; its faults are in the report. ValueError when `root` is no
     directory or a set-level file (stats, sizes, manifest) cannot be read at all."""
-    root = Path(root)
-    if not root.is_dir():
+    root = str(root)
+    if not is_dir(root):
         raise ValueError(f"{root}: no such directory")
     report = Report()
     for name in (STATS_NAME, SIZES_NAME, MANIFEST_NAME):
-        if not (root / name).exists():
+        if not exists(join(root, name)):
             report.faults.append(f"{root}: {name} is missing")
     if report.faults:
         return report
     classes, sizes, manifest = _set_files(root)
     by_key = {row["key"]: row for row in manifest}
     seen: dict[str, str] = {}
-    tars = sorted(p.name for p in root.glob("*.tar"))
-    shard_set = open_shard_set(str(root))
+    tars = names(root, "*.tar")
+    shard_set = open_shard_set(root)
     urls = dict(zip(sorted(sizes), shard_set.shards))
     for shard in sorted(set(tars) - set(sizes)):
         report.faults.append(f"{shard}: tar not listed in {SIZES_NAME}")
@@ -162,7 +165,7 @@ def verify(root: str | Path) -> Report:
         if shard not in tars:
             report.faults.append(f"{shard}: listed in {SIZES_NAME} but missing")
             continue
-        groups = _read_tar(root / shard, report)
+        groups = _read_tar(join(root, shard), report)
         if len(groups) != sizes[shard]:
             report.faults.append(f"{shard}: {len(groups)} samples, {SIZES_NAME} says {sizes[shard]}")
         for key, members in groups.items():
@@ -203,7 +206,7 @@ def _table(title: str, counts: Counter) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m shards.verify", description=__doc__.splitlines()[0],
                             epilog="Exit status 0 for a sound set, 1 when it has faults, 2 when it cannot be read as one.")
-    parser.add_argument("dir", help="shard set directory")
+    parser.add_argument("dir", help="shard set directory or object-store URL (s3://..., gs://...)")
     add_log_level(parser, default="WARNING")
     args = parser.parse_args(argv)
     configure_logging(args.log_level, "%(levelname)s %(name)s: %(message)s")

@@ -6,11 +6,13 @@ only that file marks the shard as done. A writer opened on an existing set remov
 whatever an interrupted run left unfinished and continues numbering after the last
 finished shard, so extending or resuming never rewrites or duplicates finished work.
 An image whose header declares more pixels than `max_pixels` is refused (`shards.pixels`):
-every reader would skip it.
+every reader would skip it. The set may live in an object store (`shards.fs`): each file is
+then uploaded whole when complete, in the same order, so the stats marker still comes last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,11 +23,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 
 from shards import atomic
 from shards.classes import validate_classes
+from shards.fs import exists, join, names, read_json, read_parquet, remove
 from shards.lock import OutputLock
 from shards.manifest import MANIFEST_NAME, SCHEMA, manifest_row, rows_to_table
 from shards.pixels import DEFAULT_MAX_PIXELS, TooManyPixels, image_size
@@ -93,7 +95,7 @@ class ShardWriter:
             raise ValueError("max_samples and max_bytes must be positive")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
             raise ValueError(f"shard prefix {prefix!r}: letters, digits, '_' and '-' only")
-        self.out_dir = Path(out_dir)
+        self.out_dir = str(out_dir)
         self.classes = validate_classes(classes)
         self.prefix = prefix
         self.max_samples = max_samples
@@ -115,6 +117,7 @@ class ShardWriter:
         self._tar: wds.TarWriter | None = None
         self._tar_file: Any = None
         self._tmp_tar: Path | None = None
+        self._tar_commit: contextlib.ExitStack | None = None
         self._rows: list[dict[str, Any]] = []
         self._bytes = 0
         self.written = 0
@@ -122,16 +125,15 @@ class ShardWriter:
     # -- set state --------------------------------------------------------------------
 
     def _check_classes(self) -> None:
-        stats_path = self.out_dir / STATS_NAME
-        if stats_path.exists():
-            existing = json.loads(stats_path.read_text())["classes"]
+        stats_path = join(self.out_dir, STATS_NAME)
+        if exists(stats_path):
+            existing = read_json(stats_path)["classes"]
             if existing != self.classes:
                 raise ValueError(f"{stats_path}: set has classes {existing}, writer was given {self.classes}")
 
     def finished_shards(self) -> list[str]:
         """Names of finished shards (their stats file exists), in order."""
-        names = [p.name[: -len(_STATS_SUFFIX)] for p in self.out_dir.glob(f"{self.prefix}-*{_STATS_SUFFIX}")]
-        return sorted(names)
+        return _finished(self.out_dir, self.prefix)
 
     def _index(self, name: str) -> int:
         return int(name.rsplit("-", 1)[1])
@@ -140,16 +142,17 @@ class ShardWriter:
         """Remove temp files and any shard whose stats file (its completion marker) is missing."""
         atomic.remove_temp_files(self.out_dir)
         finished = set(self.finished_shards())
-        for path in self.out_dir.iterdir():
-            stem, suffix = path.stem, path.suffix
-            if suffix in (".tar", ".parquet") and stem.startswith(f"{self.prefix}-") and stem not in finished:
+        for name in names(self.out_dir, f"{self.prefix}-*"):
+            stem, suffix = os.path.splitext(name)
+            if suffix in (".tar", ".parquet") and stem not in finished:
+                path = join(self.out_dir, name)
                 log.warning("removing unfinished shard file %s", path)
-                path.unlink()
+                remove(path)
 
     def _finished_keys(self) -> dict[str, str]:
         known: dict[str, str] = {}
         for name in self.finished_shards():
-            keys = pq.read_table(self.out_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist()
+            keys = read_parquet(join(self.out_dir, f"{name}.parquet"), columns=["key"]).column("key").to_pylist()
             for key in keys:
                 known[key] = f"{name}.tar"
         return known
@@ -166,8 +169,8 @@ class ShardWriter:
             where = self._known[sample.key]
             current = shard_name(self.prefix, self._next_index) + ".tar"
             raise DuplicateKeyError(
-                f"duplicate key {sample.key!r}: already in {self.out_dir / where}, written again into "
-                f"{self.out_dir / current}"
+                f"duplicate key {sample.key!r}: already in {join(self.out_dir, where)}, written again into "
+                f"{join(self.out_dir, current)}"
             )
         width, height = _image_size(sample, self.max_pixels)
         if self._tar is None:
@@ -198,7 +201,10 @@ class ShardWriter:
 
     def _open_shard(self) -> None:
         name = shard_name(self.prefix, self._next_index)
-        self._tmp_tar = self.out_dir / f".{name}.tar.{os.getpid()}.tmp"
+        # The tar is written under a temporary name (on an object store: staged locally) and
+        # made final after its manifest rows, by leaving this context.
+        self._tar_commit = contextlib.ExitStack()
+        self._tmp_tar = self._tar_commit.enter_context(atomic.atomic_path(join(self.out_dir, f"{name}.tar")))
         self._tar_file = open(self._tmp_tar, "wb")
         # A fixed integer mtime makes the same samples give byte-identical tars, and an
         # integer keeps tarfile from adding a PAX header per member (slower to read).
@@ -208,17 +214,15 @@ class ShardWriter:
         """Make the open shard final: tar and rows renamed into place, then the stats marker."""
         if self._tar is None:
             return
-        assert self._tmp_tar is not None
+        assert self._tar_commit is not None
         name = shard_name(self.prefix, self._next_index)
         self._tar.close()
-        self._tar_file.flush()
-        os.fsync(self._tar_file.fileno())
         self._tar_file.close()
-        atomic.write_parquet(self.out_dir / f"{name}.parquet", rows_to_table(self._rows))
-        os.replace(self._tmp_tar, self.out_dir / f"{name}.tar")
+        atomic.write_parquet(join(self.out_dir, f"{name}.parquet"), rows_to_table(self._rows))
+        self._tar_commit.close()  # the tar under its final name
         per_class = Counter(row["label_name"] for row in self._rows)
         atomic.write_json(
-            self.out_dir / f"{name}{_STATS_SUFFIX}",
+            join(self.out_dir, f"{name}{_STATS_SUFFIX}"),
             {
                 "shard": f"{name}.tar",
                 "count": len(self._rows),
@@ -228,7 +232,7 @@ class ShardWriter:
             },
         )
         log.debug("finished shard %s (%d samples)", name, len(self._rows))
-        self._tar = self._tar_file = self._tmp_tar = None
+        self._tar = self._tar_file = self._tmp_tar = self._tar_commit = None
         self._rows, self._bytes = [], 0
         self._next_index += 1
 
@@ -255,14 +259,14 @@ def finalize(
     out_dir: str | os.PathLike, classes: Sequence[str], prefix: str = "shard", shuffle_seed: int | None = None
 ) -> dict[str, Any]:
     """Rebuild `manifest.parquet`, `sizes.json` and `stats.json` from the finished shards."""
-    out_dir = Path(out_dir)
-    names = sorted(p.name[: -len(_STATS_SUFFIX)] for p in out_dir.glob(f"{prefix}-*{_STATS_SUFFIX}"))
-    tables = [pq.read_table(out_dir / f"{name}.parquet") for name in names]
+    out_dir = str(out_dir)
+    names = _finished(out_dir, prefix)
+    tables = [read_parquet(join(out_dir, f"{name}.parquet")) for name in names]
     # "default" promotion: shards written before a column existed join with nulls in it.
     manifest = pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()
-    atomic.write_parquet(out_dir / MANIFEST_NAME, manifest)
-    sizes = {f"{name}.tar": json.loads((out_dir / f"{name}{_STATS_SUFFIX}").read_text())["count"] for name in names}
-    atomic.write_json(out_dir / SIZES_NAME, sizes)
+    atomic.write_parquet(join(out_dir, MANIFEST_NAME), manifest)
+    sizes = {f"{name}.tar": read_json(join(out_dir, f"{name}{_STATS_SUFFIX}"))["count"] for name in names}
+    atomic.write_json(join(out_dir, SIZES_NAME), sizes)
     label_names = manifest.column("label_name").to_pylist()
     splits = manifest.column("split").to_pylist()
     stats = {
@@ -275,5 +279,10 @@ def finalize(
         "shuffle_seed": shuffle_seed,
         "shards": [f"{name}.tar" for name in names],
     }
-    atomic.write_json(out_dir / STATS_NAME, stats)
+    atomic.write_json(join(out_dir, STATS_NAME), stats)
     return stats
+
+
+def _finished(out_dir: str, prefix: str) -> list[str]:
+    """Names of the finished shards in `out_dir` (their stats file exists), in order."""
+    return [name[: -len(_STATS_SUFFIX)] for name in names(out_dir, f"{prefix}-*{_STATS_SUFFIX}")]

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 import pytest
@@ -140,26 +141,30 @@ def crawl_argv(url_list: Path, out: Path, *extra: str) -> list[str]:
             "--set", "fetch.concurrency=2", "--set", "fetch.per_host_rate=0", *extra]
 
 
-def test_kill_9_then_resume(tmp_path: Path) -> None:
-    site = CountingImages(150, delay=0.05)
-    with site.server:
-        urls = site.url_list(tmp_path / "urls.csv")
-        out = tmp_path / "out"
-        argv = crawl_argv(tmp_path / "urls.csv", out, "--workers", "1")
-        log = open(tmp_path / "crawl.log", "wb")
+def kill_9_when(argv: list[str], log_path: Path, ready: Callable[[], bool]) -> None:
+    """Run `crawler.build argv` in a subprocess and kill -9 it (and its workers) once `ready()`."""
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "crawler.build", *argv], cwd=REPO, stdout=log, stderr=log,
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + 120
-            while len(list(out.glob("shard-*_stats.json"))) < 3:
-                assert proc.poll() is None, (tmp_path / "crawl.log").read_text()
+            while not ready():
+                assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, "the crawl never finished an output shard"
                 time.sleep(0.02)
             os.killpg(proc.pid, signal.SIGKILL)  # kill -9, the crawl and its worker processes
         finally:
             proc.wait()
-            log.close()
-        assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill_9_then_resume(tmp_path: Path) -> None:
+    site = CountingImages(150, delay=0.05)
+    with site.server:
+        urls = site.url_list(tmp_path / "urls.csv")
+        out = tmp_path / "out"
+        kill_9_when(crawl_argv(tmp_path / "urls.csv", out, "--workers", "1"), tmp_path / "crawl.log",
+                    lambda: len(list(out.glob("shard-*_stats.json"))) >= 3)
 
         # What was finished at the moment of the kill.
         finished = {p.name[: -len("_stats.json")] for p in out.glob("shard-*_stats.json")}

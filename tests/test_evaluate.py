@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from scn_scale import checkpoint
 from scn_scale.data import eval_transform
 from scn_scale.checkpoint import CheckpointError
 from scn_scale.evaluate import EvalConfig, Workers, evaluate, find_model_file, predict_set
@@ -31,9 +32,11 @@ SIZE = 32
 
 
 def save_checkpoint(directory: Path, classes, epoch: int, seed: int = 0) -> SCNModel:
+    """A model file in `directory`, marked complete as the trainer marks its checkpoints."""
     torch.manual_seed(seed)
     model = SCNModel(len(classes))
     save_model_file(str(directory / "model.pt"), model, classes, {"epoch": epoch, "image_size": SIZE})
+    checkpoint.mark_complete(str(directory))
     return model.eval()
 
 
@@ -209,7 +212,6 @@ def test_two_workers_count_each_sample_once(tmp_path: Path) -> None:
 
 def test_run_directory_report_states_best_and_last_epoch_and_relabel_flow(tmp_path: Path) -> None:
     """A run laid out by the trainer's own writers (metrics file, config, relabel table, model files)."""
-    from scn_scale import checkpoint
     from scn_scale.config import TrainConfig, save_config
     from scn_scale.relabel import Proposal
     from scn_scale.relabel_table import RelabelTable

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 
 from shards import (
@@ -393,3 +394,66 @@ def test_balanced_stream_draws_classes_equally(tmp_path: Path, rng: np.random.Ge
         labels += [int(x) for b in make_loader(stream) for x in b["label"]]
     share = sum(labels) / len(labels)
     assert 0.38 < share < 0.62, share  # unbalanced it would be 0.2
+
+
+def test_balanced_stream_weighs_the_label_training_uses(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Overrides (synthetic noise) and a caller's labels (the trainer's relabel table, per epoch) decide the
+    balance, not the label in the shard: drawn by the shard's labels these epochs would be 7 of 8 "happiness"."""
+    classes = ("neutral", "happiness")
+    with ShardWriter(tmp_path, classes, max_samples=50) as writer:
+        for i in range(200):  # 160 neutral, 40 happiness in the shards
+            data = jpeg_bytes(rng, 8)
+            writer.write(Sample(key=key_from_bytes(data), image=data, label=int(i % 5 == 0)))
+    shard_set = open_shard_set(str(tmp_path))
+    keys = read_manifest(str(tmp_path), columns=["key", "label"]).to_pydict()
+    neutral = [k for k, label in zip(keys["key"], keys["label"]) if label == 0]
+    overrides = {k: 1 for k in neutral[:120]}  # trained on: 40 neutral, 160 happiness
+    train_labels, rows = [], []
+    for epoch in range(1, 4):
+        stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=0, batch_size=10,
+                             transform=_identity, balanced=True, seed=epoch, overrides=overrides)
+        for batch in make_loader(stream):
+            train_labels += [int(x) for x in batch["label"]]
+    share = sum(train_labels) / len(train_labels)
+    assert 0.38 < share < 0.62, share
+
+    relabeled = np.zeros(200, dtype=np.int64)
+    relabeled[:30] = 1  # a table that moved every label: 30 rows of happiness, 170 of neutral
+    for epoch in range(1, 4):
+        stream = ShardStream(shard_set, rank=0, world_size=1, loader_workers=0, batch_size=10,
+                             transform=_identity, balanced=True, seed=epoch, labels=relabeled)
+        rows += [int(r) for batch in make_loader(stream) for r in batch["row"]]
+    share = relabeled[rows].mean()
+    assert 0.38 < share < 0.62, share  # by the shards' labels (or none) about 0.15
+
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_a_stream_resumed_mid_epoch_gives_the_rest_of_the_epoch_exactly(tmp_path: Path, loader_workers: int) -> None:
+    """start_batch=k: batches k.. of the uninterrupted epoch, images included (the training augmentation
+    is random), each sample once; a corrupt sample among the passed-over ones leaves the same gap; the
+    training process's own generator advances the same (only the DataLoader's seed draw touches it)."""
+    from scn_scale.data import decode_rgb, train_transform
+
+    keys = write_shard_set(tmp_path, [7, 5, 9, 6, 8, 5])
+    _rewrite_tar(tmp_path / "shard-000000.tar", replace={f"{keys[1]}.jpg": b"not a jpeg"})
+    shard_set = open_shard_set(str(tmp_path))
+
+    def batches(start: int) -> list[dict]:
+        stream = ShardStream(shard_set, rank=1, world_size=2, loader_workers=loader_workers, batch_size=3,
+                             transform=train_transform(16), decode=decode_rgb, seed=5, shuffle_buffer=6,
+                             interleave=2, balanced=True, start_batch=start)
+        stream.set_epoch(3)
+        return list(make_loader(stream))
+
+    torch.manual_seed(0)
+    whole = batches(0)
+    after_whole = torch.get_rng_state()
+    torch.manual_seed(0)
+    resumed = batches(3)
+    assert torch.equal(torch.get_rng_state(), after_whole)  # augmenting more or fewer batches drew nothing from it
+    assert len(whole) >= 5 and len(resumed) == len(whole) - 3
+    for got, want in zip(resumed, whole[3:]):
+        assert list(got["key"]) == list(want["key"]) and torch.equal(got["image"], want["image"])
+        assert torch.equal(got["label"], want["label"])
+    assert not any(torch.equal(a["image"], b["image"]) for a, b in zip(whole, whole[1:]))  # augmented

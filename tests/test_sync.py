@@ -68,6 +68,13 @@ def _worker(rank: int, port: int, out: str) -> None:
             result["mismatch"] = None
         except sync.TableMismatchError as e:
             result["mismatch"] = str(e)
+
+        bn = torch.nn.BatchNorm1d(3)  # each rank's running statistics follow its own batch
+        bn(torch.full((4, 3), float(rank + 1)) + torch.arange(4.0)[:, None] * (rank + 1))
+        result["digest_before"] = sync.module_digest(bn)
+        sync.average_buffers(bn)
+        result["bn"] = {k: v.tolist() for k, v in bn.state_dict().items()}
+        result["digest_after"] = sync.module_digest(bn)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -124,6 +131,18 @@ def _local_checks(_: int) -> None:
     table = RelabelTable(INDEX)
     changed, digests = sync.merge_proposals(table, _rows(_proposals(0)))
     assert changed == 2 and digests == [table.digest()]
+
+
+def test_batchnorm_statistics_are_averaged_into_one_model(two_ranks: list[dict]) -> None:
+    """Rank r saw the batch (r + 1) * [1, 2, 3, 4]: running mean 0.1 * 2.5 (r + 1), running var
+    0.9 + 0.1 * 5/3 (r + 1)^2 (unbiased); after the average both ranks hold the means of the two."""
+    assert two_ranks[0]["digest_before"] != two_ranks[1]["digest_before"]
+    assert two_ranks[0]["digest_after"] == two_ranks[1]["digest_after"]
+    assert two_ranks[0]["bn"] == two_ranks[1]["bn"]
+    var = [0.9 + 0.1 * 5 / 3 * (r + 1) ** 2 for r in range(WORLD)]
+    assert two_ranks[0]["bn"]["running_mean"] == pytest.approx([0.1 * 2.5 * 1.5] * 3)
+    assert two_ranks[0]["bn"]["running_var"] == pytest.approx([sum(var) / WORLD] * 3)
+    assert two_ranks[0]["bn"]["num_batches_tracked"] == 1
 
 
 def test_without_a_process_group_everything_is_local() -> None:
@@ -227,3 +246,31 @@ def test_each_rank_writes_its_own_alpha_part(epoch_ends: tuple[Path, list[dict]]
         assert part["key"] == [f"s{i:06d}" for i in range(rank, WORLD * n, WORLD)]
         assert np.allclose(part["alpha"], _sample_alpha(rank, n).numpy())
     assert pq.read_table(epoch_dir).num_rows == WORLD * n  # the directory reads as one table
+
+
+def test_an_epochs_record_saved_mid_way_goes_on_as_if_never_saved() -> None:
+    """EpochSamples.state_dict / from_state (a mid-epoch checkpoint): the resumed record ends with the same
+    last visits and proposals as the uninterrupted one, revisits across the cut included."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(6):
+        rows = torch.randint(0, 20, (4,), generator=g).numpy()
+        margin = torch.rand(4, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 5, (4,), generator=g)
+        batches.append((rows, torch.rand(4, generator=g), BatchProposals([str(r) for r in rows], 3, margin > 0.5, labels, (labels + 1) % 5, margin)))
+    whole = sync.EpochSamples(3)
+    first = sync.EpochSamples(3)
+    for i, (rows, alpha, proposals) in enumerate(batches):
+        whole.add(rows, alpha, proposals)
+        if i < 3:
+            first.add(rows, alpha, proposals)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    resumed = sync.EpochSamples.from_state(state, torch.device("cpu"))
+    for rows, alpha, proposals in batches[3:]:
+        resumed.add(rows, alpha, proposals)
+    for got, want in zip(resumed.last_visits(), whole.last_visits()):
+        assert np.array_equal(got, want)
+    got, want = resumed.proposals(), whole.proposals()
+    assert len(want) > 0 and all(torch.equal(a, b) for a, b in zip(
+        (got.rows, got.old_label, got.new_label, got.margin), (want.rows, want.old_label, want.new_label, want.margin)))
+    assert sync.EpochSamples.from_state(sync.EpochSamples(1).state_dict(), torch.device("cpu")).last_visits()[0].size == 0

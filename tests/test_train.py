@@ -6,7 +6,10 @@ gloo, and real shard sets written here, entering through `scn_scale.train.main`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,8 +26,9 @@ from PIL import Image
 
 from scn_scale import checkpoint, report, tracking
 from scn_scale.config import ConfigError, SCNConfig, TrainConfig, load_config
+from scn_scale.evaluate import EvalConfig, evaluate
 from scn_scale.faults import MARKER_NAME
-from scn_scale.loop import deepspeed_config, training_loss
+from scn_scale.loop import MID_EPOCH_SCORE, deepspeed_config, training_loss
 from scn_scale.loss import scn_loss
 from scn_scale.model import SCNModel
 from scn_scale.noise import make_noise, save_overrides
@@ -184,7 +188,11 @@ def test_deepspeed_config_is_filled_from_the_trainer() -> None:
     cfg = load_config(TrainConfig, CONFIG, ["grad_accum=2", "precision=bf16", "deepspeed=" + str(REPO / "cluster/deepspeed/zero2-bf16.json")])
     ds = deepspeed_config(cfg)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (32, 2, 128)
-    assert ds["data_types"]["buffer_dtype"] == "bf16" and ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["stage"] == 2
+    # An fp32 engine under bf16 autocast (scn_scale.loop.autocast): BatchNorm's statistics stay fp32.
+    assert "bf16" not in ds and "data_types" not in ds
+    with pytest.raises(ConfigError, match="buffer_dtype='bf16'.*must stay fp32"):
+        deepspeed_config(dataclasses.replace(cfg, deepspeed={"data_types": {"buffer_dtype": "bf16"}}))
     # The released code does not clip; DeepSpeed would at norm 1.0 where a config does not say.
     assert ds["gradient_clipping"] == 0.0
     unsaid = load_config(TrainConfig, CONFIG, ["deepspeed={}"])
@@ -199,7 +207,9 @@ def test_shipped_training_configs_load_and_agree_with_their_deepspeed_config(pat
     cfg = load_config(TrainConfig, str(path), [])
     ds = deepspeed_config(cfg)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.batch_size
-    assert ("bf16" in ds and ds["bf16"].get("enabled", False)) == (cfg.precision == "bf16")
+    given = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else json.loads(Path(cfg.deepspeed).read_text())
+    assert given.get("bf16", {}).get("enabled", False) == (cfg.precision == "bf16")
+    assert "data_types" not in given  # BatchNorm's buffers stay fp32
 
 
 def test_fail_at_and_init_are_checked(capsys, small_set: str, tmp_path: Path) -> None:
@@ -250,9 +260,11 @@ def test_scn_warm_up_is_cross_entropy_then_scn_and_relabels_after_it() -> None:
 
 
 def test_retention_is_rays_k_best_by_val_accuracy_and_the_latest() -> None:
+    """Ranked by the reported checkpoint_score: an epoch's val_accuracy, below any for a mid-epoch checkpoint."""
     config = checkpoint_config(TrainConfig(keep_checkpoints=2))
     assert (config.num_to_keep, config.checkpoint_score_attribute, config.checkpoint_score_order) == (
-        2, "val_accuracy", "max")
+        2, "checkpoint_score", "max")
+    assert MID_EPOCH_SCORE < 0.0
     assert checkpoint_config(TrainConfig(keep_checkpoints=0)).num_to_keep is None  # keep all
 
 
@@ -263,27 +275,57 @@ def test_retention_is_rays_k_best_by_val_accuracy_and_the_latest() -> None:
 KILL_LEFTOVERS = (".metrics.jsonl.k1ll3d.tmp", f"{checkpoint.checkpoint_dir_name(3)}/.model.pt.k1ll3d.tmp")
 
 
+#: The faults of run "failing": rank 1 SIGKILLed right after epoch 3's checkpoint, rank 0 right after the
+#: mid-epoch checkpoint at step 2 of epoch 4 (no wait for Ray Train to take the reports in).
+FAULTS = ("epoch=3,step=5,rank=1", "epoch=4,step=2,rank=0")
+
+
+def _half_copied(run: Path) -> Path:
+    """What a kill while Ray copies a mid-epoch checkpoint leaves: epoch 3's files under a later name, its
+    state.json saying so, model.pt cut short, and no completion mark."""
+    torn = run / checkpoint.checkpoint_dir_name(4, step=2)
+    shutil.copytree(run / checkpoint.checkpoint_dir_name(3), torn)
+    (torn / checkpoint.COMPLETE_FILE).unlink()
+    state = json.loads((torn / checkpoint.STATE_FILE).read_text())
+    (torn / checkpoint.STATE_FILE).write_text(json.dumps({**state, "epoch": 4, "step": 2}))
+    (torn / checkpoint.MODEL_FILE).write_bytes((torn / checkpoint.MODEL_FILE).read_bytes()[:1000])
+    return torn
+
+
 @pytest.fixture(scope="module")
 def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two runs with the same seed, at the same time: "a" through `main` in this process, 3 epochs and
-    then started again for a 4th (over the temporary files a kill would have left); and "failing",
-    through the CLI in a second process attached with --ray-address, whose rank 1 SIGKILLs itself at
-    step 2 of epoch 4 (no exception, no goodbye to Ray), keeping the best checkpoint and the latest."""
+    """Runs with the same seed and data, at the same time:
+    - "whole": 4 epochs uninterrupted, a mid-epoch checkpoint every 2 steps, through the CLI in a
+      second process attached with --ray-address, keeping the best checkpoint and the latest;
+    - "failing": the same, with the two SIGKILLs of FAULTS (no exception, no goodbye to Ray);
+    - "a": through `main` in this process, 3 epochs and then started again for a 4th, over the
+      temporary files and a half-copied checkpoint a kill would have left;
+    - "quiet": 2 epochs through the CLI on a local cluster of its own (another Ray instance)."""
     out = tmp_path_factory.mktemp("runs")
-    log = out / "failing.log"
-    cmd = [sys.executable, "-m", "scn_scale.train", "--ray-address", local_ray,
-           *_args(data, out, "failing", "fail_at=epoch=4,step=2,rank=1,how=kill", "keep_checkpoints=1")]
-    with open(log, "w") as f:
-        failing = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    attached = [sys.executable, "-m", "scn_scale.train", "--ray-address", local_ray]
+    every = ("checkpoint_every_steps=2", "keep_checkpoints=1")
+    commands = {
+        "whole": [*attached, *_args(data, out, "whole", *every)],
+        "failing": [*attached, *_args(data, out, "failing", *every, "max_failures=2",
+                                      "fail_at=" + ";".join(f + ",how=kill" for f in FAULTS))],
+        "quiet": [sys.executable, "-m", "scn_scale.train", *_args(data, out, "quiet", "epochs=2")],
+    }
+    procs = {}
+    for name, cmd in commands.items():
+        with open(out / f"{name}.log", "w") as f:
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     try:
         assert main(_args(data, out, "a", "epochs=3")) == 0
         for name in KILL_LEFTOVERS:
             (out / "a" / name).write_bytes(b"half a file")
+        _half_copied(out / "a")
         assert main(_args(data, out, "a")) == 0  # the same run again, one epoch longer: it resumes
-        assert failing.wait(timeout=600) == 0, log.read_text()[-5000:]
+        for name, proc in procs.items():
+            assert proc.wait(timeout=900) == 0, (out / f"{name}.log").read_text()[-5000:]
     finally:
-        if failing.poll() is None:
-            failing.kill()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
     return out
 
 
@@ -295,6 +337,11 @@ def run_a(runs: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def run_failing(runs: Path) -> list[dict]:
     return checkpoint.read_metrics(str(runs / "failing"))
+
+
+@pytest.fixture(scope="module")
+def run_whole(runs: Path) -> list[dict]:
+    return checkpoint.read_metrics(str(runs / "whole"))
 
 
 def _table(run: Path, epoch: int) -> RelabelTable:
@@ -325,6 +372,20 @@ def test_each_epochs_validation_predictions_are_kept_and_give_its_accuracy(run_a
 
 
 @pytest.mark.slow
+def test_validation_is_the_saved_model_on_each_sample_once(run_a: list[dict], runs: Path, data: Data, tmp_path: Path) -> None:
+    """Every rank holds the same weights and BatchNorm statistics when it validates (its digest), and the
+    last epoch's val_accuracy is what `scn_scale.evaluate` finds for that epoch's model.pt on the same set."""
+    for line in run_a:
+        assert len(line["model_digests"]) == 2 and len(set(line["model_digests"])) == 1, line["epoch"]
+        assert line["val"]["samples"] == 32  # two shards of 16, each sample once
+    final = runs / "a" / checkpoint.checkpoint_dir_name(4)
+    result = evaluate(EvalConfig(checkpoint=str(final), shards=data.val, out=str(tmp_path), batch_size=16, loader_workers=0))
+    assert result["samples"] == 32
+    assert result["accuracy"] == run_a[-1]["val_accuracy"]
+    assert result["confusion_matrix"] == run_a[-1]["val"]["confusion_matrix"]
+
+
+@pytest.mark.slow
 def test_corrupt_sample_is_skipped_counted_and_the_run_goes_on(run_a: list[dict]) -> None:
     # Counted when the reader reaches it: an epoch's shuffle buffer may leave it unread.
     assert sum(line["skipped"] for line in run_a) >= 1
@@ -345,18 +406,78 @@ def test_scn_relabels_noisy_labels_and_gives_them_lower_alpha(run_a: list[dict])
 
 
 @pytest.mark.slow
-def test_a_sigkilled_worker_resumes_from_the_last_checkpoint_and_its_table(run_failing: list[dict], runs: Path) -> None:
-    assert (runs / "failing" / MARKER_NAME).read_text().strip() == "epoch=4,step=2,rank=1"
+def test_workers_sigkilled_right_after_a_checkpoint_resume_from_it(run_failing: list[dict], runs: Path) -> None:
+    """Each kill came right after a checkpoint was reported (Ray Train polls its workers every 2 s, so it
+    had mostly not taken the reports in): the restarts resumed from those checkpoints, epoch 3's and the
+    one mid-way through epoch 4, not from an earlier one, so no step was trained twice."""
+    assert sorted(p.name for p in (runs / "failing" / MARKER_NAME).iterdir()) == sorted(FAULTS)
     assert [m["epoch"] for m in run_failing] == [1, 2, 3, 4]
-    assert not any("resumed_from" in line for line in run_failing[:3])
-    # The restarted attempt began at epoch 4 with epoch 3's checkpoint: its model and its table.
-    assert run_failing[2]["table_size"] > 0
-    assert run_failing[3]["resumed_from"] == {"epoch": 3, "table_digest": run_failing[2]["table_digest"]}
+    assert not any("resumed_from" in line for line in run_failing[:3])  # epoch 4's attempt after the first kill died
+    assert run_failing[3]["resumed_from"] == {"epoch": 4, "step": 2, "table_digest": run_failing[2]["table_digest"]}
     assert all(line["table_digests"] == [line["table_digest"]] * 2 for line in run_failing)
-    # keep_checkpoints=1: the best epoch by val_accuracy (a later one on a tie) and the latest, nothing else.
-    best = max(run_failing, key=lambda line: (line["val_accuracy"], line["epoch"]))["epoch"]
+    assert "resumed at epoch 4 step 0" in (log := (runs / "failing.log").read_text()) and "resumed at epoch 4 step 2" in log
+    # No mid-epoch checkpoint is left (Ray removes those it registered, the run those it resumed from
+    # before Ray had), the latest is kept, and besides it at most the best and an unregistered epoch 3.
     kept = sorted(p.name for p in (runs / "failing").glob("checkpoint_epoch_*"))
+    assert checkpoint.checkpoint_dir_name(4) in kept and not any("_step_" in name for name in kept)
+    best = max(run_failing, key=lambda line: (line["val_accuracy"], line["epoch"]))["epoch"]
+    assert set(kept) <= {checkpoint.checkpoint_dir_name(e) for e in (best, 3, 4)}
+
+
+@pytest.mark.slow
+def test_retention_keeps_the_best_epoch_and_the_latest_and_no_mid_epoch_checkpoint(run_whole: list[dict], runs: Path) -> None:
+    best = max(run_whole, key=lambda line: (line["val_accuracy"], line["epoch"]))["epoch"]
+    kept = sorted(p.name for p in (runs / "whole").glob("checkpoint_epoch_*"))
     assert kept == sorted({checkpoint.checkpoint_dir_name(best), checkpoint.checkpoint_dir_name(4)})
+
+
+#: What differs between two runs of the same training: time, and where it resumed.
+UNTIMED = ("images_per_s", "images_per_s_per_worker", "data_time_s", "compute_time_s", "resumed_from")
+
+
+def _close(got: object, want: object, where: str) -> None:
+    """Equal, floats and tensors within 1e-6, recursively; AssertionError naming where they differ."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (where, sorted(got), sorted(want))
+        for key in want:
+            _close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _close(a, b, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype, where
+        assert torch.allclose(got.double(), want.double(), rtol=0, atol=1e-6), (where, float((got.double() - want.double()).abs().max()))
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=0, abs=1e-6), (where, got, want)
+    elif hasattr(want, "__dict__"):  # DeepSpeed's state objects (its loss scaler) compare by identity
+        assert type(got) is type(want), where
+        _close(vars(got), vars(want), where)
+    else:
+        assert got == want, (where, got, want)
+
+
+def _deepspeed_state(run: Path) -> dict[str, object]:
+    """Every file of the final checkpoint's DeepSpeed state (model states, each rank's ZeRO optimizer partition)."""
+    files = sorted((run / checkpoint.checkpoint_dir_name(4) / checkpoint.DEEPSPEED_DIR / checkpoint.deepspeed_tag(4)).glob("*.pt"))
+    assert len(files) >= 3, files  # model states and two optimizer partitions
+    return {f.name: checkpoint.load_weights_only(str(f)) for f in files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["failing", "a"], ids=["killed twice, mid-epoch too", "stopped at an epoch end"])
+def test_a_resumed_run_ends_exactly_as_the_uninterrupted_one(name: str, runs: Path, run_whole: list[dict]) -> None:
+    """Weights, BatchNorm statistics, optimizer state (every rank's), relabel table and every metric but time
+    equal within 1e-6: the resumes restored everything and read every remaining sample once. "a" checkpointed
+    at epoch ends only, "whole" every 2 steps as well: saving changes nothing either."""
+    lines = checkpoint.read_metrics(str(runs / name))
+    _close([{k: v for k, v in line.items() if k not in UNTIMED} for line in lines],
+           [{k: v for k, v in line.items() if k not in UNTIMED} for line in run_whole], name)
+    model, _, extra = load_model_file(str(runs / name / checkpoint.checkpoint_dir_name(4) / checkpoint.MODEL_FILE))
+    whole, _, whole_extra = load_model_file(str(runs / "whole" / checkpoint.checkpoint_dir_name(4) / checkpoint.MODEL_FILE))
+    _close(dict(model.state_dict()), dict(whole.state_dict()), "model.pt")
+    assert extra["table_digest"] == whole_extra["table_digest"] == run_whole[-1]["table_digest"]
+    _close(_deepspeed_state(runs / name), _deepspeed_state(runs / "whole"), "deepspeed")
 
 
 @pytest.mark.slow
@@ -386,6 +507,12 @@ def test_two_runs_with_the_same_seed_make_the_same_table(run_a: list[dict], run_
     table came back exactly."""
     assert run_a[2]["table_size"] > 0
     assert [m["table_digest"] for m in run_failing] == [m["table_digest"] for m in run_a]
+
+
+@pytest.mark.slow
+def test_a_half_copied_checkpoint_is_passed_over_and_cleared(run_a: list[dict], runs: Path) -> None:
+    assert run_a[3]["resumed_from"]["epoch"] == 3 and "step" not in run_a[3]["resumed_from"]
+    assert not (runs / "a" / checkpoint.checkpoint_dir_name(4, step=2)).exists()
 
 
 def _events(run: Path, axis: str) -> EventAccumulator:
@@ -418,14 +545,30 @@ def test_a_run_leaves_tensorboard_event_files_with_per_step_and_per_epoch_scalar
 
 @pytest.mark.slow
 def test_a_failed_attempts_steps_are_purged_and_the_logs_suit_ray(runs: Path) -> None:
-    """The attempt killed in epoch 4 logged some of its steps; TensorBoard drops them for the
-    restarted attempt's. Its job log (not a terminal) has a progress line per interval and none of
+    """The attempt killed in epoch 4 logged steps after the checkpoint it resumes from (step 2); TensorBoard
+    drops them for the restarted attempt's. Its job log (not a terminal) has a progress line per interval and none of
     Ray Train's "Failed to query" warnings (the session's cluster serves the state API)."""
     assert [e.step for e in _events(runs / "failing", tracking.STEPS_DIR).Scalars("step/loss")] == LOGGED_STEPS
     log = (runs / "failing.log").read_text()
     assert "Failed to query Ray Train Controller actor state" not in log
     assert "scn_scale.progress: epoch 1 step 2/5: loss" in log and "scn_scale.progress: epoch 4 step 4/5: loss" in log
     assert "it/s]" not in log  # no tqdm bar in a log
+
+
+@pytest.mark.slow
+def test_a_successful_run_beside_another_ray_instance_is_quiet(runs: Path) -> None:
+    """No traceback (Ray Train's placement-group cleaner used to fail with "Found multiple active Ray
+    instances"), none of Ray Train's per-report lines, and at most a few lines an epoch besides progress."""
+    log = (runs / "quiet.log").read_text()
+    assert [m["epoch"] for m in checkpoint.read_metrics(str(runs / "quiet"))] == [1, 2]
+    for noise in ("Traceback", "Found multiple active Ray instances", "Reporting training result",
+                  "Checkpoint successfully created", "Failed to query Ray Train Controller actor state"):
+        assert noise not in log, noise
+    lines = log.splitlines()
+    ends = [i for i, line in enumerate(lines) if "scn_scale.loop: epoch " in line]
+    assert len(ends) == 2 and "scn_scale.progress: epoch 2 step 4/5: loss" in log
+    between = [line for line in lines[ends[0] + 1 : ends[1]] if "scn_scale.progress" not in line]
+    assert len(between) <= 4, between
 
 
 @pytest.mark.slow

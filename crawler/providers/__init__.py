@@ -14,7 +14,15 @@ import typing
 from dataclasses import fields, replace
 from typing import Any
 
-from crawler.providers.base import OwnsQueries, Provider, ProviderError, RatePolicy, RetryPolicy, SearchPage
+from crawler.providers.base import (
+    OwnsQueries,
+    Provider,
+    ProviderError,
+    ProviderUnreachable,
+    RatePolicy,
+    RetryPolicy,
+    SearchPage,
+)
 from crawler.providers.flickr import FlickrProvider
 from crawler.providers.openverse import LocalWebProvider, OpenverseProvider
 from crawler.providers.urllist import UrlListProvider
@@ -39,6 +47,7 @@ __all__ = [
     "OwnsQueries",
     "Provider",
     "ProviderError",
+    "ProviderUnreachable",
     "RatePolicy",
     "RetryPolicy",
     "SearchPage",

@@ -5,6 +5,10 @@ hard it may be asked (requests per second, requests in flight, results per query
 page size), and `JsonApi` enforces it: requests spaced by the rate, an honest
 User-Agent, retries only for 429, 5xx and network failures, waits that follow
 `Retry-After`, and errors that name the URL (with API keys blanked) and the status.
+Until an API has answered once, its failures to answer (no such host, connection refused,
+timeouts, 5xx) are counted together across every query: once they have lasted
+`RetryPolicy.first_contact_s`, `ProviderUnreachable` stops discovery with one message,
+where retrying each query in turn would take minutes to say the same.
 
 A search API is a host on the open web like any other, and its answers are as hostile.
 `JsonApi` speaks only through a `crawler.http.guarded_session` (the fetcher's address
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 from urllib.parse import urlencode, urljoin
@@ -64,6 +69,11 @@ class ProviderError(RuntimeError):
         super().__init__(f"{provider}: {where}: {detail}")
 
 
+class ProviderUnreachable(ProviderError):
+    """The API has not answered once (no such host, connection refused, 5xx, timeouts) for
+    `first_contact_s`: the crawl cannot run, whichever query is asked next."""
+
+
 @dataclass(frozen=True)
 class RatePolicy:
     """How hard a provider may be asked; the defaults of each provider follow its published limits."""
@@ -84,12 +94,16 @@ class RetryPolicy:
 
     `sleep_scale` multiplies every wait; tests shrink it so a `Retry-After` costs milliseconds.
     A server asking for more than `max_backoff_s` is not waited for: the request fails.
+    Until the API has answered once, its failures to answer end discovery when they have
+    lasted `first_contact_s` over all queries together, or would outlast it by the next
+    wait (`ProviderUnreachable`).
     """
 
     max_retries: int = 4
     backoff_s: float = 1.0
     max_backoff_s: float = 120.0
     sleep_scale: float = 1.0
+    first_contact_s: float = 10.0
 
 
 @dataclass
@@ -142,6 +156,9 @@ class JsonApi:
         #: Values blanked from every message (API keys, client secrets, tokens); providers add theirs.
         self.secrets: list[str] = []
         self._limiter = RateLimiter(rate.requests_per_second)
+        #: Whether the API has answered once (anything but a 5xx); until then, since when it has failed to.
+        self._answered = False
+        self._failing_since: float | None = None
 
     async def get(
         self,
@@ -213,8 +230,9 @@ class JsonApi:
                 async with asyncio.timeout(self.timeout_s):
                     status, retry_after, body = await self._follow(session, method, url, params, data, headers, shown)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                reason = self.scrub(f"{type(exc).__name__}: {exc}")
+                reason = self.scrub(self._cause(exc))
             else:
+                self._answered = self._answered or status < 500
                 if status == 429 or status >= 500:
                     reason = f"HTTP {status}"
                 elif status >= 400:
@@ -227,20 +245,46 @@ class JsonApi:
                             raise ProviderError(self.provider, shown, status, _excerpt(self.scrub(message)))
                         return payload
                     reason = f"transient API error: {self.excerpt(body)}"
+            delay = (
+                retry_after
+                if retry_after is not None
+                else backoff_seconds(attempt, self.retry.backoff_s, self.retry.max_backoff_s)
+            )
+            self._check_reachable(shown, status, reason, delay * self.retry.sleep_scale)
             if attempt == self.retry.max_retries:
                 raise ProviderError(self.provider, shown, status, f"gave up after {attempt + 1} attempts: {reason}")
             if retry_after is not None and retry_after > self.retry.max_backoff_s:
                 raise ProviderError(
                     self.provider, shown, status, f"asked to wait {retry_after:.0f} s, more than max_backoff_s"
                 )
-            delay = (
-                retry_after
-                if retry_after is not None
-                else backoff_seconds(attempt, self.retry.backoff_s, self.retry.max_backoff_s)
-            )
             logger.warning("%s: %s (%s); retry %d in %.1f s", self.provider, shown, reason, attempt + 1, delay)
             await asyncio.sleep(delay * self.retry.sleep_scale)
             attempt += 1
+
+    def _cause(self, exc: BaseException) -> str:
+        """A failed request's exception in the words a user acts on (aiohttp's own say 'Connect call failed')."""
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            return f"no such host: {exc.host} does not resolve ({exc.os_error.strerror or exc.os_error})"
+        if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError):
+            return f"connection refused by {exc.host}:{exc.port}"
+        if isinstance(exc, asyncio.TimeoutError):
+            return f"no answer within {self.timeout_s:g} s"
+        return f"{type(exc).__name__}: {exc}"
+
+    def _check_reachable(self, shown: str, status: int | None, reason: str, wait_s: float) -> None:
+        """Raise ProviderUnreachable when the API has never answered and its failures to (this one
+        included) have lasted, or would with the next wait outlast, `first_contact_s`."""
+        if self._answered:
+            return
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now + wait_s - self._failing_since > self.retry.first_contact_s:
+            tried = f"in {now - self._failing_since:.0f} s of trying, over every query asked"
+            detail = (f"nothing but server errors ({reason}) {tried}" if status is not None
+                      else f"cannot be reached: {reason} ({tried})")
+            raise ProviderUnreachable(self.provider, shown, status,
+                                      f"{detail}; check the provider's base URL and the network")
 
     async def _follow(
         self,

@@ -23,6 +23,7 @@ from scn_scale.importers import (
 from scn_scale.importers.common import parse_classes
 from shards.cli import ArgumentParser, add_log_level, bad_input, configure_logging
 from shards.pixels import DEFAULT_MAX_PIXELS
+from shards.fs import UnknownScheme
 from shards.lock import OutputLocked
 
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True, help="output directory")
+    common.add_argument("--out", required=True, help="output directory or object-store URL (s3://..., gs://...)")
     common.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     common.add_argument(
         "--shuffle-seed", type=int, default=0,
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary = import_imagefolder(args.root, args.out, args.split, classes, args.dataset, options)
             else:
                 summary = import_csv(args.list, args.out, args.root, args.split, classes, args.dataset, options)
-    except (ImporterError, OutputLocked) as exc:  # OutputLocked: another import writes --out
+    except (ImporterError, OutputLocked, UnknownScheme) as exc:  # OutputLocked: another import writes --out
         return bad_input(exc)
     print(summary.table())
     return 0

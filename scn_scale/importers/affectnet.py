@@ -108,7 +108,7 @@ def import_affectnet(
     root: str | Path, out: str | Path, protocol: int = 8, options: ImportOptions | None = None
 ) -> ImportSummary:
     """Import AffectNet (the csv layout, or else an ImageFolder redistribution) under `protocol` (7 or 8)."""
-    root, out = Path(root), Path(out)
+    root, out = Path(root), str(out)
     summary = ImportSummary(dataset=DATASET, classes=protocol_classes(protocol))
     summary.notes.append(f"{protocol}-class protocol")
     with SplitWriters(out, summary, options or ImportOptions()) as writers:

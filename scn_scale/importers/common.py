@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from shards import BASIC7, CANONICAL, Sample, ShardWriter, key_from_source, validate_classes
 from shards.atomic import write_json
+from shards.fs import exists, is_file, join
 from shards.lock import OutputLock
 from shards.pixels import DEFAULT_MAX_PIXELS, TooManyPixels, image_size
 from shards.writer import STATS_NAME
@@ -181,7 +182,7 @@ class SplitWriters:
     def __init__(
         self, out: str | Path, summary: ImportSummary, options: ImportOptions, per_split: bool = True
     ) -> None:
-        self.out = Path(out)
+        self.out = str(out)  # a directory or an object-store URL (shards.fs)
         self.summary = summary
         self.options = options
         self.per_split = per_split
@@ -189,17 +190,17 @@ class SplitWriters:
         self.classes = validate_classes(summary.classes)
         self.lock = OutputLock(self.out)
 
-    def directory(self, split: str) -> Path:
-        return self.out / split if self.per_split else self.out
+    def directory(self, split: str) -> str:
+        return join(self.out, split) if self.per_split else self.out
 
     def check_fresh(self, splits: Iterable[str]) -> None:
         """Take the output's lock, then refuse before any work when an output set already exists."""
         if not self.lock.held:
-            if self.out.exists() and not self.out.is_dir():
+            if is_file(self.out):
                 raise ImporterError(f"{self.out}: exists and is not a directory (--out)")
             self.lock.acquire()
         for split in splits:
-            if (self.directory(split) / STATS_NAME).exists():
+            if exists(join(self.directory(split), STATS_NAME)):
                 raise ImporterError(
                     f"{self.directory(split)}: already holds a shard set; remove it or choose another --out"
                 )
@@ -216,7 +217,7 @@ class SplitWriters:
                 max_pixels=self.options.max_pixels,
             )
             self._writers[split] = writer
-            self.summary.outputs[split] = str(self.directory(split))
+            self.summary.outputs[split] = self.directory(split)
         full_meta = {"provider": self.summary.dataset, "source_id": source_id, **meta}
         try:
             writer.write(Sample(key=key, image=image, label=label, ext=ext, split=split, meta=full_meta))
@@ -250,7 +251,7 @@ class SplitWriters:
             for split in self.summary.counts:
                 self.summary.counts[split] = Counter({c: self.summary.counts[split][c] for c in self.classes})
             if write_summary:
-                write_json(self.out / SUMMARY_NAME, self.summary.to_dict())
+                write_json(join(self.out, SUMMARY_NAME), self.summary.to_dict())
         finally:
             if self.lock.held:
                 self.lock.release()

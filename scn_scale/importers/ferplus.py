@@ -106,7 +106,7 @@ class Row:
 
 def import_ferplus(root: str | Path, out: str | Path, options: ImportOptions | None = None) -> ImportSummary:
     """Import FERPlus (either layout) into `out/train`, `out/val`, `out/test` with the 8 canonical classes."""
-    root, out = Path(root), Path(out)
+    root, out = Path(root), str(out)
     options = options or ImportOptions()
     summary = ImportSummary(dataset=DATASET, classes=list(CANONICAL))
     if (root / "fer2013new.csv").exists():

@@ -26,6 +26,7 @@ from scn_scale.importers.common import (
 )
 from scn_scale.noise import save_overrides
 from shards import BASIC7, key_from_source
+from shards.fs import join
 
 DATASET = "rafdb"
 LABEL_FILE = Path("EmoLabel") / "list_patition_label.txt"
@@ -84,7 +85,7 @@ def import_rafdb(
     options: ImportOptions | None = None,
 ) -> ImportSummary:
     """Import RAF-DB into `out/train` and `out/test` (7 classes), plus one override table per noisy file."""
-    root, out = Path(root), Path(out)
+    root, out = Path(root), str(out)
     options = options or ImportOptions()
     labels = read_label_file(root / LABEL_FILE)
     summary = ImportSummary(dataset=DATASET, classes=list(BASIC7))
@@ -106,7 +107,7 @@ def import_rafdb(
     return summary
 
 
-def _write_overrides(path: Path, truth: dict[str, str], out: Path, summary: ImportSummary) -> Path:
+def _write_overrides(path: Path, truth: dict[str, str], out: str, summary: ImportSummary) -> str:
     """An override table for the train lines of a noisy label file whose label differs from the truth."""
     rows: dict[str, list] = {"key": [], "label": [], "true_label": []}
     lines = read_label_file(path)
@@ -117,7 +118,7 @@ def _write_overrides(path: Path, truth: dict[str, str], out: Path, summary: Impo
             rows["key"].append(key_from_source(DATASET, item.name))
             rows["label"].append(BASIC7.index(item.label))
             rows["true_label"].append(BASIC7.index(truth[item.name]))
-    target = out / f"train_overrides_{path.stem}.parquet"
+    target = join(out, f"train_overrides_{path.stem}.parquet")
     table = pa.table(
         {
             "key": pa.array(rows["key"], pa.string()),
@@ -125,7 +126,7 @@ def _write_overrides(path: Path, truth: dict[str, str], out: Path, summary: Impo
             "true_label": pa.array(rows["true_label"], pa.int64()),
         }
     )
-    save_overrides(table, str(target))
+    save_overrides(table, target)
     share = len(rows["key"]) / len(lines) if lines else 0.0
     summary.notes.append(
         f"{path}: {len(rows['key'])} of {len(lines)} train labels differ from the ground truth ({share:.1%}) "
