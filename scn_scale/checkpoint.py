@@ -101,14 +101,14 @@ def run_dir(out_dir: str, run_name: str) -> str:
 #: Settings a run cannot change when it resumes (`check_resume` refuses, naming them), besides the
 #: ZeRO stage of its DeepSpeed config: what fixes its data order (the reader plans each epoch from seed,
 #: shard set, ranks, loader workers, batch size, input size and its mixing settings), its labels, its
-#: method and SCN recipe (`scn.warmup_epochs` places the importance branch's optimizer reset,
+#: method and its recipe (`eac.lam` weighs EAC's loss; `scn.warmup_epochs` places the importance branch's optimizer reset,
 #: `scn.relabel_epoch` and the margins decide what the relabel table holds: a run changed halfway is a run
 #: of neither recipe), the shape of its model and optimizer state (a checkpoint of another backbone or
 #: optimizer does not load, or loads into the wrong state: Adam's moments are no SGD momentum), and the
 #: set its best checkpoints are chosen on.
 RESUME_FIXED = (
     "method", "seed", "train_shards", "label_overrides", "batch_size", "grad_accum", "num_workers",
-    "loader_workers", "balanced_sampler", "reader", "image_size", "val_shards", "scn", "model", "optimizer",
+    "loader_workers", "balanced_sampler", "reader", "image_size", "val_shards", "scn", "eac", "model", "optimizer",
 )
 
 #: Settings a resumed run may change, each sound to change between two starts: how long and how it runs
