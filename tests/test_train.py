@@ -294,13 +294,15 @@ def _half_copied(run: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Runs with the same seed and data, at the same time:
+    """Runs with the same seed and data, all but the first at the same time:
     - "whole": 4 epochs uninterrupted, a mid-epoch checkpoint every 2 steps, through the CLI in a
       second process attached with --ray-address, keeping the best checkpoint and the latest;
     - "failing": the same, with the two SIGKILLs of FAULTS (no exception, no goodbye to Ray);
     - "a": through `main` in this process, 3 epochs and then started again for a 4th, over the
       temporary files and a half-copied checkpoint a kill would have left;
-    - "quiet": 2 epochs through the CLI on a local cluster of its own (another Ray instance)."""
+    - "quiet", first and alone: 2 epochs through the CLI on a local cluster of its own beside the
+      session's (another Ray instance). Alone, because under the load of the others Ray Train's own
+      controller logs a traceback of a 5 s timeout it calls safe to ignore ("CPU being overloaded")."""
     out = tmp_path_factory.mktemp("runs")
     attached = [sys.executable, "-m", "scn_scale.train", "--ray-address", local_ray]
     every = ("checkpoint_every_steps=2", "keep_checkpoints=1")
@@ -308,8 +310,11 @@ def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -
         "whole": [*attached, *_args(data, out, "whole", *every)],
         "failing": [*attached, *_args(data, out, "failing", *every, "max_failures=2",
                                       "fail_at=" + ";".join(f + ",how=kill" for f in FAULTS))],
-        "quiet": [sys.executable, "-m", "scn_scale.train", *_args(data, out, "quiet", "epochs=2")],
     }
+    with open(out / "quiet.log", "w") as f:
+        quiet = [sys.executable, "-m", "scn_scale.train", *_args(data, out, "quiet", "epochs=2")]
+        assert subprocess.run(quiet, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode == 0, (
+            (out / "quiet.log").read_text()[-5000:])
     procs = {}
     for name, cmd in commands.items():
         with open(out / f"{name}.log", "w") as f:
