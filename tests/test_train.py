@@ -280,39 +280,42 @@ KILL_LEFTOVERS = (".metrics.jsonl.k1ll3d.tmp", f"{checkpoint.checkpoint_dir_name
 FAULTS = ("epoch=3,step=5,rank=1", "epoch=4,step=2,rank=0")
 
 
-def _half_copied(run: Path) -> Path:
-    """What a kill while Ray copies a mid-epoch checkpoint leaves: epoch 3's files under a later name, its
+#: What run "a"'s restart finds half copied (`_half_copied`).
+TORN = checkpoint.checkpoint_dir_name(5, step=2)
+
+
+def _half_copied(run: Path) -> None:
+    """What a kill while Ray copies a mid-epoch checkpoint leaves: epoch 4's files under a later name, its
     state.json saying so, model.pt cut short, and no completion mark."""
-    torn = run / checkpoint.checkpoint_dir_name(4, step=2)
-    shutil.copytree(run / checkpoint.checkpoint_dir_name(3), torn)
+    torn = run / TORN
+    shutil.copytree(run / checkpoint.checkpoint_dir_name(4), torn)
     (torn / checkpoint.COMPLETE_FILE).unlink()
     state = json.loads((torn / checkpoint.STATE_FILE).read_text())
-    (torn / checkpoint.STATE_FILE).write_text(json.dumps({**state, "epoch": 4, "step": 2}))
+    (torn / checkpoint.STATE_FILE).write_text(json.dumps({**state, "epoch": 5, "step": 2}))
     (torn / checkpoint.MODEL_FILE).write_bytes((torn / checkpoint.MODEL_FILE).read_bytes()[:1000])
-    return torn
 
 
 @pytest.fixture(scope="module")
 def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Runs with the same seed and data, all but the first at the same time:
-    - "whole": 4 epochs uninterrupted, a mid-epoch checkpoint every 2 steps, through the CLI in a
-      second process attached with --ray-address, keeping the best checkpoint and the latest;
-    - "failing": the same, with the two SIGKILLs of FAULTS (no exception, no goodbye to Ray);
-    - "a": through `main` in this process, 3 epochs and then started again for a 4th, over the
-      temporary files and a half-copied checkpoint a kill would have left;
     - "quiet", first and alone: 2 epochs through the CLI on a local cluster of its own beside the
-      session's (another Ray instance). Alone, because under the load of the others Ray Train's own
-      controller logs a traceback of a 5 s timeout it calls safe to ignore ("CPU being overloaded")."""
+      session's (another Ray instance), a mid-epoch checkpoint every 2 steps, keeping the best
+      checkpoint and the latest. Alone, because under the load of the others Ray Train's own
+      controller logs a traceback of a 5 s timeout it calls safe to ignore ("CPU being overloaded");
+    - "a": through `main` in this process, 4 epochs uninterrupted, then started again for a 5th over
+      the temporary files and a half-copied checkpoint a kill would have left;
+    - "failing": 4 epochs through the CLI in a second process attached with --ray-address, a
+      mid-epoch checkpoint every 2 steps, and the two SIGKILLs of FAULTS (no exception, no goodbye
+      to Ray)."""
     out = tmp_path_factory.mktemp("runs")
     attached = [sys.executable, "-m", "scn_scale.train", "--ray-address", local_ray]
     every = ("checkpoint_every_steps=2", "keep_checkpoints=1")
     commands = {
-        "whole": [*attached, *_args(data, out, "whole", *every)],
         "failing": [*attached, *_args(data, out, "failing", *every, "max_failures=2",
                                       "fail_at=" + ";".join(f + ",how=kill" for f in FAULTS))],
     }
     with open(out / "quiet.log", "w") as f:
-        quiet = [sys.executable, "-m", "scn_scale.train", *_args(data, out, "quiet", "epochs=2")]
+        quiet = [sys.executable, "-m", "scn_scale.train", *_args(data, out, "quiet", "epochs=2", *every)]
         assert subprocess.run(quiet, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode == 0, (
             (out / "quiet.log").read_text()[-5000:])
     procs = {}
@@ -320,11 +323,11 @@ def runs(local_ray: str, data: Data, tmp_path_factory: pytest.TempPathFactory) -
         with open(out / f"{name}.log", "w") as f:
             procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     try:
-        assert main(_args(data, out, "a", "epochs=3")) == 0
+        assert main(_args(data, out, "a")) == 0
         for name in KILL_LEFTOVERS:
             (out / "a" / name).write_bytes(b"half a file")
         _half_copied(out / "a")
-        assert main(_args(data, out, "a")) == 0  # the same run again, one epoch longer: it resumes
+        assert main(_args(data, out, "a", "epochs=5")) == 0  # the same run again, one epoch longer: it resumes
         for name, proc in procs.items():
             assert proc.wait(timeout=900) == 0, (out / f"{name}.log").read_text()[-5000:]
     finally:
@@ -345,8 +348,8 @@ def run_failing(runs: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run_whole(runs: Path) -> list[dict]:
-    return checkpoint.read_metrics(str(runs / "whole"))
+def run_quiet(runs: Path) -> list[dict]:
+    return checkpoint.read_metrics(str(runs / "quiet"))
 
 
 def _table(run: Path, epoch: int) -> RelabelTable:
@@ -355,12 +358,12 @@ def _table(run: Path, epoch: int) -> RelabelTable:
 
 @pytest.mark.slow
 def test_every_rank_holds_the_same_table_every_epoch(run_a: list[dict], runs: Path) -> None:
-    assert [m["epoch"] for m in run_a] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in run_a] == [1, 2, 3, 4, 5]
     for line in run_a:
         assert line["table_digests"] == [line["table_digest"]] * 2
         assert _table(runs / "a", line["epoch"]).digest() == line["table_digest"]
     assert run_a[1]["table_size"] == 0 and run_a[-1]["table_size"] > 0  # relabels applied from epoch 3
-    final = runs / "a" / checkpoint.checkpoint_dir_name(4)
+    final = runs / "a" / checkpoint.checkpoint_dir_name(5)
     assert sorted(p.name for p in final.glob("*relabel*.parquet")) == [checkpoint.TABLE_FILE]
     model, classes, extra = load_model_file(str(final / checkpoint.MODEL_FILE))
     assert classes == list(CLASSES) and extra["table_digest"] == run_a[-1]["table_digest"]
@@ -383,7 +386,7 @@ def test_validation_is_the_saved_model_on_each_sample_once(run_a: list[dict], ru
     for line in run_a:
         assert len(line["model_digests"]) == 2 and len(set(line["model_digests"])) == 1, line["epoch"]
         assert line["val"]["samples"] == 32  # two shards of 16, each sample once
-    final = runs / "a" / checkpoint.checkpoint_dir_name(4)
+    final = runs / "a" / checkpoint.checkpoint_dir_name(5)
     result = evaluate(EvalConfig(checkpoint=str(final), shards=data.val, out=str(tmp_path), batch_size=16, loader_workers=0))
     assert result["samples"] == 32
     assert result["accuracy"] == run_a[-1]["val_accuracy"]
@@ -395,7 +398,7 @@ def test_corrupt_sample_is_skipped_counted_and_the_run_goes_on(run_a: list[dict]
     # Counted when the reader reaches it: an epoch's shuffle buffer may leave it unread.
     assert sum(line["skipped"] for line in run_a) >= 1
     assert all(line["skipped"] <= 1 for line in run_a)  # one corrupt sample, however often it was met
-    assert [line["epoch"] for line in run_a] == [1, 2, 3, 4]
+    assert [line["epoch"] for line in run_a] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
@@ -430,10 +433,10 @@ def test_workers_sigkilled_right_after_a_checkpoint_resume_from_it(run_failing: 
 
 
 @pytest.mark.slow
-def test_retention_keeps_the_best_epoch_and_the_latest_and_no_mid_epoch_checkpoint(run_whole: list[dict], runs: Path) -> None:
-    best = max(run_whole, key=lambda line: (line["val_accuracy"], line["epoch"]))["epoch"]
-    kept = sorted(p.name for p in (runs / "whole").glob("checkpoint_epoch_*"))
-    assert kept == sorted({checkpoint.checkpoint_dir_name(best), checkpoint.checkpoint_dir_name(4)})
+def test_retention_keeps_the_best_epoch_and_the_latest_and_no_mid_epoch_checkpoint(run_quiet: list[dict], runs: Path) -> None:
+    best = max(run_quiet, key=lambda line: (line["val_accuracy"], line["epoch"]))["epoch"]
+    kept = sorted(p.name for p in (runs / "quiet").glob("checkpoint_epoch_*"))
+    assert kept == sorted({checkpoint.checkpoint_dir_name(best), checkpoint.checkpoint_dir_name(2)})
 
 
 #: What differs between two runs of the same training: time, and where it resumed.
@@ -470,54 +473,45 @@ def _deepspeed_state(run: Path) -> dict[str, object]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["failing", "a"], ids=["killed twice, mid-epoch too", "stopped at an epoch end"])
-def test_a_resumed_run_ends_exactly_as_the_uninterrupted_one(name: str, runs: Path, run_whole: list[dict]) -> None:
-    """Weights, BatchNorm statistics, optimizer state (every rank's), relabel table and every metric but time
-    equal within 1e-6: the resumes restored everything and read every remaining sample once. "a" checkpointed
-    at epoch ends only, "whole" every 2 steps as well: saving changes nothing either."""
-    lines = checkpoint.read_metrics(str(runs / name))
-    _close([{k: v for k, v in line.items() if k not in UNTIMED} for line in lines],
-           [{k: v for k, v in line.items() if k not in UNTIMED} for line in run_whole], name)
-    model, _, extra = load_model_file(str(runs / name / checkpoint.checkpoint_dir_name(4) / checkpoint.MODEL_FILE))
-    whole, _, whole_extra = load_model_file(str(runs / "whole" / checkpoint.checkpoint_dir_name(4) / checkpoint.MODEL_FILE))
-    _close(dict(model.state_dict()), dict(whole.state_dict()), "model.pt")
-    assert extra["table_digest"] == whole_extra["table_digest"] == run_whole[-1]["table_digest"]
-    _close(_deepspeed_state(runs / name), _deepspeed_state(runs / "whole"), "deepspeed")
+def test_a_run_killed_twice_ends_exactly_as_the_uninterrupted_one(runs: Path, run_a: list[dict], run_failing: list[dict]) -> None:
+    """"failing" (SIGKILLs at an epoch end and mid-epoch, resumed each time) against "a"'s first 4 epochs
+    (uninterrupted): weights, BatchNorm statistics, optimizer state (every rank's), relabel table and every
+    metric but time equal within 1e-6. The resumes restored everything and read every remaining sample
+    once; "failing" also checkpointed every 2 steps, "a" at epoch ends only: saving changes nothing."""
+    _close([{k: v for k, v in line.items() if k not in UNTIMED} for line in run_failing],
+           [{k: v for k, v in line.items() if k not in UNTIMED} for line in run_a[:4]], "metrics")
+    final = checkpoint.checkpoint_dir_name(4)
+    model, _, extra = load_model_file(str(runs / "failing" / final / checkpoint.MODEL_FILE))
+    uninterrupted, _, uninterrupted_extra = load_model_file(str(runs / "a" / final / checkpoint.MODEL_FILE))
+    _close(dict(model.state_dict()), dict(uninterrupted.state_dict()), "model.pt")
+    assert extra["table_digest"] == uninterrupted_extra["table_digest"] == run_a[3]["table_digest"]
+    _close(_deepspeed_state(runs / "failing"), _deepspeed_state(runs / "a"), "deepspeed")
 
 
 @pytest.mark.slow
 def test_starting_a_run_again_removes_the_temporary_files_a_kill_left(run_a: list[dict], runs: Path) -> None:
-    assert [m["epoch"] for m in run_a] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in run_a] == [1, 2, 3, 4, 5]
     assert not any((runs / "a" / name).exists() for name in KILL_LEFTOVERS)
 
 
 @pytest.mark.slow
 def test_starting_the_same_run_again_resumes_it(run_a: list[dict], runs: Path) -> None:
-    assert not any("resumed_from" in line for line in run_a[:3])
-    assert run_a[3]["resumed_from"] == {"epoch": 3, "table_digest": _table(runs / "a", 3).digest()}
+    assert not any("resumed_from" in line for line in run_a[:4])
+    assert run_a[4]["resumed_from"] == {"epoch": 4, "table_digest": _table(runs / "a", 4).digest()}
 
 
 @pytest.mark.slow
 def test_a_run_does_not_resume_under_another_data_order(capsys, run_a: list[dict], runs: Path, data: Data) -> None:
-    err = _error(capsys, _args(data, runs, "a", "epochs=5", "seed=1", "batch_size=8"))
-    assert f"run {runs / 'a'} resumes from" in err and checkpoint.checkpoint_dir_name(4) in err
+    err = _error(capsys, _args(data, runs, "a", "epochs=6", "seed=1", "batch_size=8"))
+    assert f"run {runs / 'a'} resumes from" in err and checkpoint.checkpoint_dir_name(5) in err
     assert "trained with seed=0, batch_size=16; this start asks for seed=1, batch_size=8" in err
-    assert [m["epoch"] for m in checkpoint.read_metrics(str(runs / "a"))] == [1, 2, 3, 4]  # nothing was touched
-
-
-@pytest.mark.slow
-def test_two_runs_with_the_same_seed_make_the_same_table(run_a: list[dict], run_failing: list[dict]) -> None:
-    """Epochs 1-3 ran uninterrupted in both runs; epoch 4 resumed from epoch 3's checkpoint in both,
-    after a clean stop in one and a killed worker in the other: model, optimizer, data order and
-    table came back exactly."""
-    assert run_a[2]["table_size"] > 0
-    assert [m["table_digest"] for m in run_failing] == [m["table_digest"] for m in run_a]
+    assert [m["epoch"] for m in checkpoint.read_metrics(str(runs / "a"))] == [1, 2, 3, 4, 5]  # nothing was touched
 
 
 @pytest.mark.slow
 def test_a_half_copied_checkpoint_is_passed_over_and_cleared(run_a: list[dict], runs: Path) -> None:
-    assert run_a[3]["resumed_from"]["epoch"] == 3 and "step" not in run_a[3]["resumed_from"]
-    assert not (runs / "a" / checkpoint.checkpoint_dir_name(4, step=2)).exists()
+    assert run_a[4]["resumed_from"]["epoch"] == 4 and "step" not in run_a[4]["resumed_from"]
+    assert not (runs / "a" / TORN).exists()
 
 
 def _events(run: Path, axis: str) -> EventAccumulator:
@@ -527,8 +521,9 @@ def _events(run: Path, axis: str) -> EventAccumulator:
     return events
 
 
-#: Global steps of the interval reads (every 2 steps) and epoch ends (5 steps an epoch) over 4 epochs.
-LOGGED_STEPS = [e * 5 + s for e in range(4) for s in (2, 4, 5)]
+def _logged_steps(epochs: int) -> list[int]:
+    """Global steps of the interval reads (every 2 steps) and epoch ends (5 steps an epoch)."""
+    return [e * 5 + s for e in range(epochs) for s in (2, 4, 5)]
 
 
 @pytest.mark.slow
@@ -536,7 +531,7 @@ def test_a_run_leaves_tensorboard_event_files_with_per_step_and_per_epoch_scalar
     steps = _events(runs / "a", tracking.STEPS_DIR)
     expected = {"step/loss", "step/wce", "step/rr", "step/lr", "step/alpha_mean", "step/alpha_std", "step/images_per_s"}
     assert expected <= set(steps.Tags()["scalars"])
-    assert [e.step for e in steps.Scalars("step/loss")] == LOGGED_STEPS  # across the resume after epoch 3
+    assert [e.step for e in steps.Scalars("step/loss")] == _logged_steps(5)  # across the resume after epoch 4
     assert all(e.value > 0 for e in steps.Scalars("step/images_per_s"))
     epochs = _events(runs / "a", tracking.EPOCHS_DIR)
     for tag, key in (("epoch/val_accuracy", "val_accuracy"), ("epoch/train_accuracy", "train_accuracy"),
@@ -545,7 +540,7 @@ def test_a_run_leaves_tensorboard_event_files_with_per_step_and_per_epoch_scalar
     noisy = [e.value for e in epochs.Scalars("epoch/alpha_noisy_mean")]
     assert noisy == pytest.approx([m["alpha"]["noisy"]["mean"] for m in run_a])
     # Relabels applied from epoch 3 (proposed from 2, confirmed an epoch later): precision is defined from then on.
-    assert [e.step for e in epochs.Scalars("epoch/relabel_precision")] == [3, 4]
+    assert [e.step for e in epochs.Scalars("epoch/relabel_precision")] == [3, 4, 5]
 
 
 @pytest.mark.slow
@@ -553,7 +548,7 @@ def test_a_failed_attempts_steps_are_purged_and_the_logs_suit_ray(runs: Path) ->
     """The attempt killed in epoch 4 logged steps after the checkpoint it resumes from (step 2); TensorBoard
     drops them for the restarted attempt's. Its job log (not a terminal) has a progress line per interval and none of
     Ray Train's "Failed to query" warnings (the session's cluster serves the state API)."""
-    assert [e.step for e in _events(runs / "failing", tracking.STEPS_DIR).Scalars("step/loss")] == LOGGED_STEPS
+    assert [e.step for e in _events(runs / "failing", tracking.STEPS_DIR).Scalars("step/loss")] == _logged_steps(4)
     log = (runs / "failing.log").read_text()
     assert "Failed to query Ray Train Controller actor state" not in log
     assert "scn_scale.progress: epoch 1 step 2/5: loss" in log and "scn_scale.progress: epoch 4 step 4/5: loss" in log
