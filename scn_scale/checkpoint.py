@@ -43,9 +43,8 @@ from scn_scale.config import TrainConfig, config_to_dict, save_config
 from scn_scale.relabel_table import RelabelTable, SampleIndex
 from scn_scale.weights import load_error, save_model_file
 from shards.atomic import remove_temp_files as remove_local_temp_files
-from shards.atomic import write_json
-from shards.atomic import write_text as write_local_text
-from shards.fs import join, open_fs
+from shards.atomic import write_json, write_text
+from shards.fs import is_local, join, open_fs
 from shards.fs import remove as fs_remove
 
 if TYPE_CHECKING:
@@ -395,19 +394,9 @@ def remove_temp_files(run: str) -> list[str]:
     resume rewrites what they were. Object stores publish whole objects, so a run there has none.
     """
     fs, root = open_fs(run)
-    if "file" not in fs.protocol or not os.path.isdir(root):
+    if not is_local(fs) or not os.path.isdir(root):
         return []
     return [str(path) for directory, _, _ in os.walk(root) for path in remove_local_temp_files(directory)]
-
-
-def write_text(url: str, text: str) -> None:
-    """Replace a run file: atomically on a local file system; object stores publish whole objects anyway."""
-    fs, path = open_fs(url)
-    if "file" in fs.protocol:
-        write_local_text(path, text)
-        return
-    with fs.open(path, "w") as f:
-        f.write(text)
 
 
 class MetricsFile:

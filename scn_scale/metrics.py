@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from shards.atomic import atomic_path
-from shards.fs import join, open_fs
+from shards.fs import join
 
 QUANTILES = (5, 25, 50, 75, 95)
 COLLAPSE_THRESHOLD = 0.99
@@ -275,10 +275,5 @@ def write_run_table(url: str, table: pa.Table) -> None:
     Atomic on a local file system; object stores publish whole objects anyway. No
     dictionary encoding: the key column is unique, where a dictionary only costs time.
     """
-    fs, path = open_fs(url)
-    if "file" in fs.protocol:
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, use_dictionary=False)
-    else:
-        with fs.open(path, "wb") as f:
-            pq.write_table(table, f, use_dictionary=False)
+    with atomic_path(url) as tmp:  # on an object store: staged locally, uploaded whole
+        pq.write_table(table, tmp, use_dictionary=False)

@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from scn_scale.config import ConfigError, TrainConfig, config_to_dict
 from scn_scale.metrics import RunningSums
-from shards.fs import join, open_fs
+from shards.fs import is_local, join, open_fs
 
 TENSORBOARD_DIR = "tensorboard"
 STEPS_DIR = "steps"
@@ -110,7 +110,7 @@ class TensorBoardSink:
 
     def __init__(self, run_dir: str, first_step: int, first_epoch: int) -> None:
         fs, path = open_fs(join(run_dir, TENSORBOARD_DIR))
-        self.remote = None if "file" in fs.protocol else (fs, path)
+        self.remote = None if is_local(fs) else (fs, path)
         self.local = tempfile.mkdtemp(prefix="scn-tensorboard-") if self.remote else path
         # purge_step: TensorBoard drops what an earlier attempt logged at these steps or later,
         # so epochs replayed after a failure show once. flush_secs: the files follow the run within 30 s.
@@ -257,7 +257,7 @@ def read_scalars(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
     scalars: dict[str, tuple[list[int], list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="scn-tensorboard-") as tmp:
         local = path
-        if "file" not in fs.protocol:
+        if not is_local(fs):
             for remote in fs.find(path):
                 target = os.path.join(tmp, remote[len(path) + 1:])
                 os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -34,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from shards.fs import join, open_fs
+from shards.fs import is_local, join, open_fs
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class OutputLock:
         self.directory = str(directory)
         self.fs, root = open_fs(self.directory)
         self.path = join(root, LOCK_NAME)
-        self.local = "file" in self.fs.protocol
+        self.local = is_local(self.fs)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self._file_lock: Any = None
         self._token = ""

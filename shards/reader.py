@@ -428,24 +428,20 @@ class ShardStream(IterableDataset):
         except (KeyError, ValueError, IndexError, TypeError):
             return True  # malformed: decoding will count it as skipped
 
-    def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        key = raw["__key__"]
+    def _decoded(self, raw: Mapping[str, Any]) -> tuple[int, Any]:
+        """The sample's class index (as stored) and decoded image; raises on what makes it unreadable.
+        A passed-over batch calls it alone, to drop the samples training would drop."""
         label = int(raw["cls"])
         if not 0 <= label < len(self.shard_set.classes):
             raise ValueError(f"class index {label} is outside the set's {len(self.shard_set.classes)} classes")
-        label = self.overrides.get(key, label)
         data = _image_of(raw)
         image_size(data, self.max_pixels)  # raises over the cap: skipped and counted, never decoded
-        return {"image": self.transform(self.decode(data)), "label": label, "key": key, "row": raw["__row__"]}
+        return label, self.decode(data)
 
-    def _check(self, raw: Mapping[str, Any]) -> None:
-        """What `_decode` would refuse, without the transform: how a passed-over batch finds the samples
-        it would have dropped, so that the batches after it hold the same samples."""
-        if not 0 <= int(raw["cls"]) < len(self.shard_set.classes):
-            raise ValueError(f"class index {raw['cls']} is outside the set's {len(self.shard_set.classes)} classes")
-        data = _image_of(raw)
-        image_size(data, self.max_pixels)
-        self.decode(data)
+    def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        key = raw["__key__"]
+        label, image = self._decoded(raw)
+        return {"image": self.transform(image), "label": self.overrides.get(key, label), "key": key, "row": raw["__row__"]}
 
     def _reader(self) -> int:
         """Which of the rank's planned readers this loader worker is. The loader takes its batches from
@@ -475,7 +471,7 @@ class ShardStream(IterableDataset):
         passed_over = self._passed_over(worker)
         for produced in range(plan.batches_per_worker):
             if produced < passed_over:
-                self._fill(raws, rng, skips, self._check)
+                self._fill(raws, rng, skips, self._decoded)
                 if produced + 1 == passed_over:
                     skips.take()  # counted by the attempt that trained those batches
                 continue
